@@ -1,0 +1,74 @@
+"""Silence the start-up noise of TensorFlow, absl and gym, which Trax imports.
+
+TensorFlow's C++ runtime writes CUDA probing messages straight to file descriptor 2 and gym prints an
+"unmaintained" notice on import; in Jupyter both land in the learner's first cell. Rather than import
+TensorFlow eagerly (seconds of start-up for code that never needs it), `install()` puts an import hook in
+front of `sys.meta_path` that mutes stderr only while those noisy packages are first loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import io
+import logging
+import os
+import sys
+import warnings
+
+_NOISY_PACKAGES = frozenset({"tensorflow", "gym", "tensorflow_text", "tensorflow_datasets"})
+
+
+@contextlib.contextmanager
+def muted_stderr():
+    """Send both Python's `sys.stderr` and the process's file descriptor 2 to nowhere."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        os.close(devnull)
+
+
+class _MutedLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        with muted_stderr():
+            self._inner.exec_module(module)
+
+
+class _MutedImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in _NOISY_PACKAGES:
+            return None
+        sys.meta_path.remove(self)  # let the normal finders resolve it
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _MutedLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Mute start-up noise once per process; safe to call again."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "hide")
+    for module in ("tensorflow", "gym", "trax", "tensorflow_datasets", "jax._src.xla_bridge"):
+        warnings.filterwarnings("ignore", module=module)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    if not any(isinstance(f, _MutedImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MutedImportFinder())

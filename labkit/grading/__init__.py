@@ -1,0 +1,8 @@
+"""Graders: `check` a learner's code against labkit's references and explain what is wrong."""
+
+from labkit.grading.catalogue import exercises
+from labkit.grading.check import check
+from labkit.grading.exercise import Case, Exercise, Mistake, register, registry
+from labkit.grading.report import CaseResult, Report
+
+__all__ = ["Case", "CaseResult", "Exercise", "Mistake", "Report", "check", "exercises", "register", "registry"]

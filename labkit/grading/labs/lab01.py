@@ -1,0 +1,308 @@
+"""Lab 01 exercises: dot-product attention, the causal mask, a Trax layer, local attention, memory."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from labkit.attention.dense import causal_mask as dense_causal_mask
+from labkit.attention.dense import dot_product_attention
+from labkit.attention.local import local_attention as labkit_local_attention
+from labkit.grading.exercise import Case, Exercise, Mistake, register
+
+
+def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------- 1. attention for one head
+
+def attention_reference(q, k, v, mask=None):
+    """One head: q `[T, H]`, k `[S, H]`, v `[S, Hv]`, mask bool `[T, S]` (True = may attend) -> `[T, Hv]`."""
+    return dot_product_attention(q[:, None], k[:, None], v[:, None], mask=mask)[:, 0]
+
+
+def _softmax_stable(s, axis=-1):
+    s = s - jnp.max(s, axis=axis, keepdims=True)
+    e = jnp.exp(s)
+    return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+def _attention_with(q, k, v, mask=None, *, scale=True, axis=-1, softmax=_softmax_stable, fill=-1e9,
+                    mask_after=False):
+    scores = q @ k.T / (np.sqrt(q.shape[-1]) if scale else 1.0)
+    if mask is not None and not mask_after:
+        scores = jnp.where(mask, scores, fill)
+    probs = softmax(scores, axis=axis)
+    if mask is not None and mask_after:
+        probs = probs * mask
+    return probs @ v
+
+
+def _logsumexp_softmax(s, axis=-1):
+    return jnp.exp(s - jax.scipy.special.logsumexp(s, axis=axis, keepdims=True))
+
+
+def _naive_softmax(s, axis=-1):
+    e = jnp.exp(s)
+    return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+def _qkv_case(name, seed, t, s, h, hv=None, *, logit_scale=1.0, mask=None):
+    def inputs():
+        q = _normal(seed, t, h, scale=logit_scale)
+        k = _normal(seed + 1, s, h, scale=logit_scale)
+        v = _normal(seed + 2, s, hv or h)
+        return (q, k, v, mask() if mask else None), {}
+    return Case(name, inputs, atol=1e-5, rtol=1e-4)
+
+
+def _random_mask(t, s, seed):
+    def make():
+        m = np.random.default_rng(seed).random((t, s)) > 0.4
+        m[np.arange(t), np.random.default_rng(seed + 1).integers(0, s, t)] = True  # every row sees a key
+        return m
+    return make
+
+
+def _mask_with_hidden_row():
+    m = _random_mask(5, 5, 7)()
+    m[2] = False
+    return m
+
+
+register(Exercise(
+    id="lab01.attention",
+    description="scaled dot-product attention for one head, stable softmax, optional mask",
+    points=3,
+    reference=attention_reference,
+    cases=[
+        _qkv_case("tiny: seq 4, dim 2", 0, 4, 4, 2),
+        _qkv_case("3 queries, 5 keys, dim 4, value dim 6", 10, 3, 5, 4, 6),
+        _qkv_case("with a mask: seq 6, dim 4", 20, 6, 6, 4, mask=_random_mask(6, 6, 21)),
+        _qkv_case("large logits: seq 8, dim 4, logits up to ~1e4", 30, 8, 8, 4, logit_scale=60.0),
+        _qkv_case("length 1", 40, 1, 1, 3),
+        _qkv_case("a row whose keys are all hidden: seq 5 (expect the mean of the values)", 50, 5, 5, 4,
+                  mask=_mask_with_hidden_row),
+    ],
+    mistakes=[
+        Mistake("missing scale", functools.partial(_attention_with, scale=False),
+                "divide the scores by sqrt(d), the query/key dimension, before the softmax"),
+        Mistake("softmax over queries", functools.partial(_attention_with, axis=0),
+                "the softmax runs over the keys, i.e. along each row (axis=-1), so every row sums to 1"),
+        Mistake("-inf mask", functools.partial(_attention_with, fill=-jnp.inf),
+                "a row whose keys are all hidden turns into 0/0 = NaN: fill hidden scores with a large finite "
+                "negative number such as -1e9 (not -inf) and subtract the row maximum before exp()"),
+        Mistake("naive softmax", functools.partial(_attention_with, softmax=_naive_softmax),
+                "exp() of scores near 1e4 overflows: subtract each row's maximum (or use logsumexp) first"),
+        Mistake("logsumexp of a hidden row", functools.partial(_attention_with, softmax=_logsumexp_softmax),
+                "in float32, -1e9 - logsumexp(row) rounds to 0 when the whole row is -1e9, so every weight becomes "
+                "1: subtract the row maximum, exponentiate, then divide by the row sum (as jax.nn.softmax does)"),
+        Mistake("mask after softmax", functools.partial(_attention_with, mask_after=True),
+                "hide keys before the softmax (set their scores very negative); zeroing probabilities "
+                "afterwards leaves rows that no longer sum to 1"),
+    ],
+    default_hint="scores = q k^T / sqrt(d); hide masked scores; softmax along each row; multiply by v",
+    nan_hint="NaN/inf means exp() overflowed or a row was all -inf: subtract the row max, fill with -1e9",
+))
+
+
+# ---------------------------------------------------------------- 2. causal mask
+
+def causal_mask_reference(n):
+    """Boolean `[n, n]`, True where query i may see key j, i.e. j <= i."""
+    return dense_causal_mask(n, n)
+
+
+register(Exercise(
+    id="lab01.causal_mask",
+    description="the boolean causal mask: position i may attend to j <= i",
+    points=1,
+    reference=causal_mask_reference,
+    cases=[Case(f"n = {n}", functools.partial(lambda n: ((n,), {}), n)) for n in (1, 3, 8, 33)],
+    mistakes=[
+        Mistake("float mask", lambda n: jnp.tril(jnp.ones((n, n), jnp.float32)),
+                "return a boolean array (True = may attend), e.g. jnp.tril(jnp.ones((n, n), dtype=bool))"),
+        Mistake("upper triangle", lambda n: jnp.triu(jnp.ones((n, n), bool)),
+                "rows are queries, columns are keys: keep the lower triangle (j <= i), not the upper one"),
+        Mistake("diagonal excluded", lambda n: jnp.tril(jnp.ones((n, n), bool), k=-1),
+                "a position may attend to itself: keep the diagonal (j <= i, not j < i)"),
+    ],
+    default_hint="True where the key position j is at or before the query position i",
+))
+
+
+# ---------------------------------------------------------------- 3. a tl.SelfAttention subclass
+
+def run_layer(layer_cls, args, kwargs):
+    """Build `layer_cls(**kwargs)`, give it the weights of a seeded `tl.SelfAttention`, run it on x."""
+    from trax import layers as tl
+    from trax import shapes
+
+    x, seed = args
+    ref = tl.SelfAttention(**kwargs)
+    ref.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
+    layer = layer_cls(**kwargs)
+    layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
+    out, _ = layer.pure_fn(x, ref.weights, ref.state, jax.random.PRNGKey(seed + 1))
+    return out
+
+
+def _layer_case(name, seed, batch, seq, d_model, **layer_kwargs):
+    def inputs():
+        return (jnp.asarray(_normal(seed, batch, seq, d_model)), seed), layer_kwargs
+    return Case(name, inputs, atol=1e-5, rtol=1e-4)
+
+
+def _trax_self_attention():
+    from trax import layers as tl
+
+    return tl.SelfAttention
+
+
+class _LazyReference:
+    """Stands for `tl.SelfAttention` without importing Trax until a case runs."""
+
+    def __call__(self, **kwargs):
+        return _trax_self_attention()(**kwargs)
+
+
+def _layer_mistake(**attention_kwargs):
+    """A SelfAttention subclass whose per-head attention makes a mistake (built on first use)."""
+
+    def build(**kwargs):
+        tl = _trax_self_attention()
+
+        class Wrong(tl):
+            def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+                w_q, w_k, w_v, w_o = weights
+                causal = self._causal and not attention_kwargs.get("ignore_causal", False)
+                m = causal_mask_reference(x.shape[0]) if causal else None
+                o = _attention_with(x @ w_q, x @ w_k, x @ w_v, m, scale=attention_kwargs.get("scale", True))
+                return o @ w_o, state
+
+        return Wrong(**kwargs)
+
+    return build
+
+
+register(Exercise(
+    id="lab01.self_attention_layer",
+    description="subclass tl.SelfAttention and override forward_unbatched; match Trax with the same weights",
+    points=3,
+    reference=_LazyReference(),
+    run=run_layer,
+    expects_class=True,
+    cases=[
+        _layer_case("one head, seq 4, d_model 8", 0, 1, 4, 8, n_heads=1, d_qk=4, d_v=4),
+        _layer_case("causal, 2 heads, seq 8", 1, 2, 8, 8, n_heads=2, d_qk=4, d_v=4, causal=True),
+        _layer_case("d_qk 4, d_v 6, d_model 10, batch 3", 2, 3, 6, 10, n_heads=2, d_qk=4, d_v=6),
+        _layer_case("use_reference_code=True, causal, 4 heads, seq 16", 3, 2, 16, 8, n_heads=4, d_qk=4, d_v=4,
+                    causal=True, use_reference_code=True),
+        _layer_case("mode='eval', seq 1", 4, 2, 1, 8, n_heads=2, d_qk=4, d_v=4, mode="eval"),
+    ],
+    mistakes=[
+        Mistake("ignores causal", _layer_mistake(ignore_causal=True),
+                "when self._causal is True, pass the causal mask to your attention"),
+        Mistake("missing scale", _layer_mistake(scale=False),
+                "your attention must scale the scores by 1/sqrt(d_qk), as Trax does"),
+    ],
+    default_hint="per head: q, k, v = x @ w_q, x @ w_k, x @ w_v; return (attention(q, k, v, mask) @ w_o, state)",
+))
+
+
+# ---------------------------------------------------------------- 4. chunked local attention
+
+def local_attention_reference(q, k, v, chunk_len, n_chunks_before=1, causal=True):
+    """One head `[T, H]`: attend within each chunk and `n_chunks_before` previous ones (wrapping), as Trax."""
+    return labkit_local_attention(q[:, None], k[:, None], v[:, None], is_causal=causal, chunk_len=chunk_len,
+                                  n_chunks_before=n_chunks_before)[:, 0]
+
+
+def _local_with(q, k, v, chunk_len, n_chunks_before=1, causal=True, *, before=None, after=0, scale=None,
+                wrap_mask=False):
+    """A wrong local attention: other chunk offsets, scale, or a causal mask that misses wrapped chunks."""
+    before = n_chunks_before if before is None else before
+    out = labkit_local_attention(q[:, None], k[:, None], v[:, None], is_causal=causal and not wrap_mask,
+                                 chunk_len=chunk_len, n_chunks_before=before, n_chunks_after=after,
+                                 scale=scale)[:, 0]
+    if not wrap_mask:
+        return out
+    # Causal only inside each chunk: the wrapped "previous" chunk of chunk 0 stays visible.
+    t, l = q.shape[0], chunk_len
+    n = t // l
+    qc, kc, vc = (a.reshape(n, l, -1) for a in (q, k, v))
+    kw = jnp.concatenate([jnp.roll(kc, 1, axis=0), kc], axis=1)
+    vw = jnp.concatenate([jnp.roll(vc, 1, axis=0), vc], axis=1)
+    s = jnp.einsum("clh,cwh->clw", qc, kw) / np.sqrt(q.shape[-1])
+    own = jnp.concatenate([jnp.ones((l, l), bool), jnp.tril(jnp.ones((l, l), bool))], axis=1)
+    s = jnp.where(own, s, -1e9)
+    return jnp.einsum("clw,cwh->clh", jax.nn.softmax(s, -1), vw).reshape(t, -1)
+
+
+def _local_case(name, seed, t, h, chunk_len, n_chunks_before=1, causal=True):
+    def inputs():
+        q, k, v = _normal(seed, t, h), _normal(seed + 1, t, h), _normal(seed + 2, t, h)
+        return (q, k, v, chunk_len), {"n_chunks_before": n_chunks_before, "causal": causal}
+    return Case(name, inputs, atol=1e-5, rtol=1e-4)
+
+
+register(Exercise(
+    id="lab01.local_attention",
+    description="chunked local attention with look-adjacent chunks, matching tl.SelfAttention(chunk_len=...)",
+    points=3,
+    reference=local_attention_reference,
+    cases=[
+        _local_case("seq 8, chunks of 4, causal, one chunk back", 0, 8, 4, 4),
+        _local_case("seq 12, chunks of 3, causal, two chunks back", 10, 12, 4, 3, 2),
+        _local_case("one chunk holds the whole sequence (seq 6)", 20, 6, 4, 6),
+        _local_case("chunk_len 1: each position sees itself and the one before", 30, 5, 2, 1),
+        _local_case("not causal, seq 8, chunks of 2: chunk 0 wraps around to the last chunk", 40, 8, 4, 2,
+                    causal=False),
+        _local_case("seq 32, chunks of 8, dim 16", 50, 32, 16, 8),
+    ],
+    mistakes=[
+        Mistake("no look-back", functools.partial(_local_with, before=0),
+                "each chunk must also attend to the n_chunks_before chunks before it (look_adjacent)"),
+        Mistake("looks ahead", functools.partial(_local_with, before=0, after=1),
+                "the extra chunks are the previous ones: roll the chunks forward (chunk c sees c-1), not c+1"),
+        Mistake("causal only inside the chunk", functools.partial(_local_with, wrap_mask=True),
+                "mask by position, not by place in the window: chunk 0's 'previous' chunk wraps around to the "
+                "end of the sequence and must be hidden when causal"),
+    ],
+    default_hint="reshape to [n_chunks, chunk_len, d], concatenate each chunk with the previous one(s), and "
+                 "mask with the true positions (key position <= query position when causal)",
+))
+
+
+# ---------------------------------------------------------------- 5. predicting the score matrix's memory
+
+def score_matrix_bytes_reference(batch, heads, seq_len, bytes_per_value=4):
+    """Bytes of the `[batch, heads, seq, seq]` score matrix dense attention materialises."""
+    return int(batch * heads * seq_len * seq_len * bytes_per_value)
+
+
+register(Exercise(
+    id="lab01.score_memory",
+    description="predict the bytes of the attention score matrix from batch, heads and length",
+    points=1,
+    reference=score_matrix_bytes_reference,
+    cases=[
+        Case("batch 1, 1 head, seq 1024", lambda: ((1, 1, 1024), {})),
+        Case("batch 8, 4 heads, seq 4096", lambda: ((8, 4, 4096), {})),
+        Case("batch 2, 8 heads, seq 16384, float16", lambda: ((2, 8, 16384), {"bytes_per_value": 2})),
+        Case("batch 1, 1 head, seq 1", lambda: ((1, 1, 1), {})),
+    ],
+    mistakes=[
+        Mistake("length not squared", lambda b, h, n, bytes_per_value=4: b * h * n * bytes_per_value,
+                "every query has a score for every key: the matrix is seq_len x seq_len"),
+        Mistake("per example and head", lambda b, h, n, bytes_per_value=4: n * n * bytes_per_value,
+                "there is one score matrix per example and per head: multiply by batch and heads"),
+        Mistake("bits", lambda b, h, n, bytes_per_value=4: b * h * n * n * bytes_per_value * 8,
+                "count bytes, not bits: a float32 value takes 4 bytes"),
+    ],
+    default_hint="batch x heads x seq_len x seq_len values, each bytes_per_value bytes",
+))

@@ -1,0 +1,181 @@
+"""Build the student notebooks from the solved masters: `python -m labkit release [--check]`.
+
+Every master `notebooks/NN_slug.ipynb` becomes `notebooks/student/NN_slug.ipynb`:
+
+* in code cells, each region from a `### BEGIN SOLUTION` line to a `### END SOLUTION` line (nbgrader's
+  markers; they may be indented) becomes `# YOUR CODE HERE` + `raise NotImplementedError()` at the BEGIN
+  marker's indentation;
+* cells tagged `remove-student` are dropped;
+* outputs, execution counts and execution timing metadata are cleared; all other metadata is kept.
+
+The output is deterministic (same master -> byte-identical file), so `--check` can compare the would-be
+content with the file on disk and fail when a student notebook is missing or out of date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat import NotebookNode
+
+BEGIN_MARKER = "### BEGIN SOLUTION"
+END_MARKER = "### END SOLUTION"
+STUB_LINES = ("# YOUR CODE HERE", "raise NotImplementedError()")
+REMOVE_TAG = "remove-student"
+MASTER_NAME = re.compile(r"^\d{2}_[\w-]+\.ipynb$")
+# Cell metadata that records a run of the solved master (nbclient timings, output view state).
+RUN_METADATA_KEYS = ("execution", "collapsed", "scrolled")
+
+
+class ReleaseError(ValueError):
+    """A master notebook cannot be turned into a student notebook."""
+
+
+def _marker_in(line: str) -> str | None:
+    """The solution marker `line` is (BEGIN_MARKER / END_MARKER), or None; a marker mid-line is an error."""
+    for marker in (BEGIN_MARKER, END_MARKER):
+        if marker in line:
+            if not line.lstrip().startswith(marker):
+                raise ReleaseError(f"{marker!r} must start its line, got {line.strip()!r}")
+            return marker
+    return None
+
+
+def strip_solutions(source: str) -> str:
+    """Replace every BEGIN/END SOLUTION region of a code cell's source with the stub, keeping indentation."""
+    lines_out: list[str] = []
+    begin_line = None
+    for number, line in enumerate(source.split("\n"), start=1):
+        marker = _marker_in(line)
+        if marker == BEGIN_MARKER:
+            if begin_line is not None:
+                raise ReleaseError(f"line {number}: nested {BEGIN_MARKER!r} (region opened at line {begin_line})")
+            begin_line = number
+            indent = line[: len(line) - len(line.lstrip())]
+            lines_out.extend(indent + stub for stub in STUB_LINES)
+        elif marker == END_MARKER:
+            if begin_line is None:
+                raise ReleaseError(f"line {number}: {END_MARKER!r} without {BEGIN_MARKER!r}")
+            begin_line = None
+        elif begin_line is None:
+            lines_out.append(line)
+    if begin_line is not None:
+        raise ReleaseError(f"line {begin_line}: {BEGIN_MARKER!r} without {END_MARKER!r}")
+    return "\n".join(lines_out)
+
+
+def _student_cell(cell: NotebookNode, *, name: str, index: int) -> NotebookNode:
+    """The student version of one master cell (a copy); raises ReleaseError naming notebook and cell."""
+    cell = copy.deepcopy(cell)
+    # Masters older than nbformat 4.5 have no ids; a fixed one (not nbformat's random one) keeps output stable.
+    cell.setdefault("id", f"cell-{index}")
+    where = f"{name}: cell {index} (id {cell.id})"
+    if cell.cell_type != "code":
+        if BEGIN_MARKER in cell.source or END_MARKER in cell.source:
+            raise ReleaseError(f"{where}: solution marker in a {cell.cell_type} cell; only code cells may have one")
+        return cell
+    try:
+        cell.source = strip_solutions(cell.source)
+    except ReleaseError as error:
+        raise ReleaseError(f"{where}: {error}") from None
+    cell.outputs = []
+    cell.execution_count = None
+    for key in RUN_METADATA_KEYS:
+        cell.metadata.pop(key, None)
+    return cell
+
+
+def _check_unique_ids(notebook: NotebookNode, *, name: str) -> None:
+    """Raise ReleaseError on a repeated cell id (nbformat.validate would replace it with a random one)."""
+    seen = set()
+    for cell in notebook.cells:
+        if cell.id in seen:
+            raise ReleaseError(f"{name}: cell id {cell.id!r} is used by more than one cell")
+        seen.add(cell.id)
+
+
+def student_notebook(master: NotebookNode, *, name: str) -> NotebookNode:
+    """The student version of `master` (left unchanged); `name` identifies it in error messages."""
+    student = copy.deepcopy(NotebookNode({key: value for key, value in master.items() if key != "cells"}))
+    student.nbformat_minor = max(student.nbformat_minor, 5)  # cell ids are required from 4.5 on
+    student.cells = [
+        _student_cell(cell, name=name, index=index)
+        for index, cell in enumerate(master.cells)
+        if REMOVE_TAG not in cell.get("metadata", {}).get("tags", [])
+    ]
+    _check_unique_ids(student, name=name)
+    try:
+        nbformat.validate(student)
+    except nbformat.ValidationError as error:
+        raise ReleaseError(f"{name}: student notebook is not valid: {error.message}") from None
+    return student
+
+
+def _render(notebook: NotebookNode) -> str:
+    """The exact text `nbformat.write` puts on disk: sorted-key JSON plus a trailing newline."""
+    text = nbformat.writes(notebook)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def master_paths(masters_dir: Path) -> list[Path]:
+    """The master notebooks `NN_slug.ipynb` directly in `masters_dir`, sorted by name."""
+    if not masters_dir.is_dir():
+        raise ReleaseError(f"masters directory {masters_dir} does not exist")
+    return sorted(p for p in masters_dir.iterdir() if p.is_file() and MASTER_NAME.match(p.name))
+
+
+def release(masters_dir: str | Path, out_dir: str | Path, *, check: bool = False) -> list[str]:
+    """Write (or with `check`, only compare) every student notebook; return the paths written / out of date."""
+    masters_dir, out_dir = Path(masters_dir), Path(out_dir)
+    changed = []
+    for master_path in master_paths(masters_dir):
+        master = nbformat.read(master_path, as_version=4)
+        text = _render(student_notebook(master, name=str(master_path)))
+        target = out_dir / master_path.name
+        if target.is_file() and target.read_text(encoding="utf-8") == text:
+            continue
+        changed.append(str(target))
+        if not check:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8", newline="\n")
+    return changed
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command-line options of `python -m labkit release`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m labkit release",
+        description="Build student notebooks (solutions stripped, outputs cleared) from the solved masters.")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a student notebook is missing or out of date")
+    parser.add_argument("--masters", default="notebooks", type=Path, help="master notebooks (default: notebooks)")
+    parser.add_argument("--out", default="notebooks/student", type=Path,
+                        help="student notebooks (default: notebooks/student)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `release`; exit 0 when done / up to date, 1 when `--check` finds stale files, 2 on bad masters."""
+    args = _parser().parse_args(argv)
+    try:
+        changed = release(args.masters, args.out, check=args.check)
+    except ReleaseError as error:
+        print(f"release: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        for path in changed:
+            state = "out of date" if Path(path).exists() else "missing"
+            print(f"{state}: {path} (run `python -m labkit release`)")
+        if not changed:
+            print(f"student notebooks in {args.out} are up to date")
+        return 1 if changed else 0
+    for path in changed:
+        print(f"wrote {path}")
+    if not changed:
+        print(f"student notebooks in {args.out} are already up to date")
+    return 0
