@@ -4,6 +4,9 @@ TensorFlow's C++ runtime writes CUDA probing messages straight to file descripto
 "unmaintained" notice on import; in Jupyter both land in the learner's first cell. Rather than import
 TensorFlow eagerly (seconds of start-up for code that never needs it), `install()` puts an import hook in
 front of `sys.meta_path` that mutes stderr only while those noisy packages are first loaded.
+
+The same hook repairs one side effect: Trax's `jaxboard` switches matplotlib to its non-display Agg backend on
+import, after which Jupyter silently shows no plots. Once it has loaded, the backend Jupyter chose is restored.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import warnings
 
 _NOISY_PACKAGES = frozenset({"tensorflow", "gym", "tensorflow_text", "tensorflow_datasets"})
+_BACKEND_SWITCHERS = frozenset({"trax.jaxboard"})
 
 
 @contextlib.contextmanager
@@ -36,21 +40,40 @@ def muted_stderr():
         os.close(devnull)
 
 
-class _MutedLoader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader):
-        self._inner = inner
+@contextlib.contextmanager
+def kept_matplotlib_backend():
+    """Undo a module's `matplotlib.use(...)`: restore the backend Jupyter asked for in MPLBACKEND."""
+    yield
+    chosen = os.environ.get("MPLBACKEND")
+    if not chosen or "matplotlib" not in sys.modules:
+        return
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    if shell is not None and chosen.endswith("backend_inline"):
+        # The magic also re-registers the PNG display hook that a bare matplotlib.use() would skip.
+        shell.run_line_magic("matplotlib", "inline")
+    else:
+        sys.modules["matplotlib"].use(chosen)
+
+
+class _WrappedLoader(importlib.abc.Loader):
+    """Runs the real loader inside a context manager (muted stderr, kept backend)."""
+
+    def __init__(self, inner: importlib.abc.Loader, context):
+        self._inner, self._context = inner, context
 
     def create_module(self, spec):
         return self._inner.create_module(spec)
 
     def exec_module(self, module) -> None:
-        with muted_stderr():
+        with self._context():
             self._inner.exec_module(module)
 
 
-class _MutedImportFinder(importlib.abc.MetaPathFinder):
+class _ImportHook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in _NOISY_PACKAGES:
+        context = muted_stderr if name in _NOISY_PACKAGES else (
+            kept_matplotlib_backend if name in _BACKEND_SWITCHERS else None)
+        if context is None:
             return None
         sys.meta_path.remove(self)  # let the normal finders resolve it
         try:
@@ -58,7 +81,7 @@ class _MutedImportFinder(importlib.abc.MetaPathFinder):
         finally:
             sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            spec.loader = _MutedLoader(spec.loader)
+            spec.loader = _WrappedLoader(spec.loader, context)
         return spec
 
 
@@ -68,7 +91,9 @@ def install() -> None:
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "hide")
     for module in ("tensorflow", "gym", "trax", "tensorflow_datasets", "jax._src.xla_bridge"):
         warnings.filterwarnings("ignore", module=module)
+    # tqdm.auto falls back to a text bar without ipywidgets; its warning about that is noise here.
+    warnings.filterwarnings("ignore", message="IProgress not found")
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-    if not any(isinstance(f, _MutedImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _MutedImportFinder())
+    if not any(isinstance(f, _ImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ImportHook())

@@ -4,6 +4,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -164,3 +165,27 @@ def test_exercises_catalogue():
     assert ids == sorted(ids) and "lab01.attention" in ids
     assert "lab01.attention" in str(cat) and "<table>" in cat._repr_html_()
     assert all(e.points > 0 and e.n_cases >= 4 for e in cat)
+
+
+def test_equivalent_correct_formulations_all_pass():
+    """A right answer always passes, however the learner orders the arithmetic."""
+
+    def scale_queries_first(q, k, v, mask=None):
+        s = (q / np.sqrt(q.shape[-1])) @ k.T
+        return jax.nn.softmax(jnp.where(mask, s, -1e9) if mask is not None else s, axis=-1) @ v
+
+    def float64_numpy(q, k, v, mask=None):
+        s = q.astype(np.float64) @ k.T.astype(np.float64) / np.sqrt(q.shape[-1])
+        if mask is not None:
+            s = np.where(mask, s, -1e30)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return ((p / p.sum(-1, keepdims=True)) @ v).astype(np.float32)
+
+    def einsum_then_scale(q, k, v, mask=None):
+        s = jnp.einsum("td,sd->ts", q, k) * (1 / jnp.sqrt(q.shape[-1] * 1.0))
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min) if mask is not None else s
+        return jnp.einsum("ts,sd->td", jax.nn.softmax(s, -1), v)
+
+    for fn in (scale_queries_first, float64_numpy, einsum_then_scale):
+        report = labkit.check(EX, fn)
+        assert report.passed, report.text()

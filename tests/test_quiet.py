@@ -1,0 +1,19 @@
+"""A learner's first cells: no start-up noise from TensorFlow/gym, and plots still show after Trax loads."""
+
+import nbformat
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+
+def test_first_cell_is_quiet_and_plots_survive_trax():
+    nb = new_notebook(cells=[
+        new_code_cell("import labkit\nfrom trax import layers as tl\nimport trax"),
+        new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()"),
+    ])
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    first, second = nb.cells
+    printed = "".join(o.get("text", "") for o in first.outputs if o.output_type == "stream")
+    for noise in ("cudart", "Gym has been unmaintained", "absl::InitializeLog", "TF-TRT"):
+        assert noise not in printed, printed
+    assert any("image/png" in o.get("data", {}) for o in second.outputs), second.outputs
+    nbformat.validate(nb)
