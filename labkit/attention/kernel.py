@@ -1,0 +1,365 @@
+"""Kernel attention: FAVOR+ random features and the full `KernelAttention` option set, in O(n) time and memory.
+
+Papers: Choromanski et al. 2021, "Rethinking attention with Performers" (FAVOR+: positive orthogonal random
+features, `exp` and `relu`); Likhosherstov et al. 2022, "Chefs' random tables: non-trigonometric random
+features" (FAVOR++, `expplus`); Katharopoulos et al. 2020, "Transformers are RNNs" (`elu`). The options and
+their meaning follow TensorFlow Model Garden's `tfm.nlp.layers.KernelAttention`.
+
+Idea: the softmax kernel is an expectation over Gaussian projections `w ~ N(0, I_d)`,
+
+    exp(q . k) = E_w[ exp(w . q - |q|^2 / 2) exp(w . k - |k|^2 / 2) ],
+
+so with `m` projections `W [m, d]` the features `phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)` are positive and
+`phi(q) . phi(k)` is an unbiased estimate of `exp(q . k)`. Orthogonal rows (blocks of `d` orthonormal
+directions with chi(d)-distributed lengths) keep each row Gaussian, hence unbiasedness, and lower the
+variance. Attention then becomes linear attention on the features (lab 04's `linear_attention` with the
+identity map): `out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j) + eps)`. The scale is
+split as `sqrt(scale)` on both queries and keys (as in Model Garden), so the estimated kernel is
+`exp(scale q . k)`.
+
+Feature transforms (`feature_transform`, applied to `W x / ...` when `num_random_features > 0`, else to
+`x` itself): `exp` (FAVOR+), `expmod` (exp with a constant instead of `exp(-|x|^2/2)`: not unbiased),
+`expplus` (FAVOR++, data-dependent coefficients, unbiased, lower variance), `relu` (`relu + 1e-3`), `elu`
+(`elu + 1`), `square`, `identity`/None. Causal forms: `is_causal=True` sums over the whole prefix with lab 04's
+prefix-sum or chunkwise scan; `causal_window_length=W` is Model Garden's windowed causal variant: the
+sequence is cut into chunks of `causal_chunk_length`, tokens attend bidirectionally inside their chunk and to
+the `W - 1` previous chunks, older chunks optionally decayed by `causal_window_decay ** distance`.
+
+Cost per head with `m` features: features O(T m d); non-causal and chunkwise causal O(T m dv) time and
+O(T m + m dv) memory (prefix-sum causal: O(T m dv) memory; windowed: O(T/C m dv)). `is_short_seq` and
+`begin_kernel` build a `[T, S]` matrix: O(T S) memory, as dense attention.
+
+Differences from Model Garden's KernelAttention (deliberate, each a bug or a numerical choice there):
+- `exp`: the stabilising shift is computed on the whole exponent `w . x - |x|^2/2` (per row for queries,
+  one shift per example and head for keys) instead of `exp(-|x|^2/2) * exp(w . x - max)`, which underflows
+  to 0/0 for large `|x|`; the shifts cancel in the normalisation either way.
+- `expplus`: no extra `d^(-1/4)` data normaliser on top of `sqrt(scale)` (Model Garden applies both, so its
+  FAVOR++ estimates `exp(scale q . k / sqrt(d))`, a different kernel than its `exp`); the statistics use each
+  side's own length.
+- `is_short_seq`: hidden keys are removed before the softmax (Model Garden multiplies their features by 0,
+  which still gives them weight `exp(0)`). The softmax runs over the feature scores `phi(q) . phi(k)`, as
+  there; with `feature_transform=None, num_random_features=0` this is exact softmax attention.
+- `begin_kernel`: queries before it get exact softmax attention (Model Garden feeds them through the random
+  projection when `num_random_features > 0`).
+- `causal_padding="left"`: the padded positions are dropped from the front (Model Garden slices the first
+  `T` rows, which returns padded rows and drops real ones). `causal_padding=None` needs a length that the chunk
+  divides, as there (ValueError otherwise).
+- Plain causal attention (`is_causal=True` without a window) is not in Model Garden; it is lab 04's.
+
+Differences from Trax's `tl.Favor` / `tl.CausalFavor` (`trax.layers.research.sparsity`): their default
+(`use_approximate_softmax=False`, the only option of `CausalFavor`) is the deterministic map `relu(x) + 1e-3`
+without scale and without projection, i.e. `feature_transform="relu", num_random_features=0, scale=1.0` here
+(identical up to our `eps=1e-6` in the denominator). `tl.FavorAttention(use_approximate_softmax=True,
+normalize_data=True)` uses FAVOR+ features like `exp`, but adds `1e-4` to every feature (a small bias),
+shifts queries by their row maximum of `w . x` only, and draws its projection from Trax's fixed PRNG(0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from labkit.attention._validate import check_qkv, default_scale
+from labkit.attention.dense import dot_product_attention
+from labkit.attention.linear import linear_attention
+
+FEATURE_TRANSFORMS = ("exp", "expmod", "expplus", "relu", "elu", "square", "identity")
+_RELU_EPS = 1e-3  # Model Garden's (and Trax's) offset: keeps relu features away from all-zero rows
+_EXPPLUS_EPS = 1e-6  # Model Garden's numerical stabiliser inside FAVOR++ features
+
+
+# ---------------------------------------------------------------- random projections
+
+def random_projection(prng_key, num_features: int, dim: int, *, orthogonal: bool = True) -> jnp.ndarray:
+    """`[num_features, dim]` Gaussian projection rows; `orthogonal`: blocks of `dim` orthogonal rows (FAVOR+).
+
+    Orthogonal rows are drawn block by block (QR of a Gaussian `[dim, dim]`), then rescaled to the lengths of
+    independent Gaussian vectors (chi(dim)), so each row is still exactly `N(0, I)`: estimates stay unbiased.
+    """
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    block_key, norm_key = jax.random.split(prng_key)
+    if not orthogonal:
+        return jax.random.normal(block_key, (num_features, dim), jnp.float32)
+    n_blocks = -(-num_features // dim)
+    gauss = jax.random.normal(block_key, (n_blocks, dim, dim), jnp.float32)
+    q, r = jnp.linalg.qr(gauss)
+    # QR's sign convention biases the directions (e.g. Householder: first entries always <= 0); fixing the
+    # signs of R's diagonal makes Q Haar-distributed, so every row direction is uniform on the sphere.
+    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    directions = jnp.swapaxes(q, -1, -2).reshape(n_blocks * dim, dim)[:num_features]
+    lengths = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, dim), jnp.float32), axis=-1)
+    return directions * lengths[:, None]
+
+
+def positive_random_features(x, projection) -> jnp.ndarray:
+    """FAVOR+ features `exp(W x - |x|^2/2) / sqrt(m)`, no shift: `[..., d]`, `[m, d]` -> `[..., m]`.
+
+    `E[phi(q) . phi(k)] = exp(q . k)`: the unbiased estimator itself (it overflows for large `|x|`; the
+    attention code shifts the exponent first).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    z = jnp.einsum("...d,md->...m", x, projection)
+    return jnp.exp(z - 0.5 * jnp.sum(x * x, -1, keepdims=True)) / math.sqrt(projection.shape[0])
+
+
+# ---------------------------------------------------------------- feature transforms
+
+def _shift(z: jnp.ndarray, is_query: bool) -> jnp.ndarray:
+    """Stabilising shift of an exponent `[batch..., L, N, m]`: per query row, or one per (example, head) for
+    keys (a key shift must be shared by all keys to cancel). Stop-gradient: it cancels in the output."""
+    if is_query:
+        return jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    return jax.lax.stop_gradient(jnp.max(z, axis=(-3, -1), keepdims=True))
+
+
+def _expplus_features(x, other, projection, is_query: bool) -> jnp.ndarray:
+    """FAVOR++ (Chefs' random tables): `D exp(B w . x - |x|^2/2 + A |w|^2) / sqrt(m)` with data-dependent
+    `A < 1/4`, `B = sqrt(1 - 4A)`, `D = (1 - 4A)^(d/4)`: unbiased for `exp(x . y)`, minimal variance for the
+    data's statistics. `x`, `other`: `[batch..., L, N, d]` (queries and keys, either order)."""
+    dim = x.shape[-1]
+    lx, ly = x.shape[-3], other.shape[-3]
+    sq_x = jnp.sum(x * x, axis=(-3, -1), keepdims=True) / lx
+    sq_y = jnp.sum(other * other, axis=(-3, -1), keepdims=True) / ly
+    prod = jnp.sum(jnp.sum(x, -3, keepdims=True) * jnp.sum(other, -3, keepdims=True), -1, keepdims=True)
+    ave = sq_x + sq_y + prod * 2.0 / (lx * ly)
+    a = (jnp.sqrt((2 * ave + dim) ** 2 + 8 * dim * ave) - 2 * ave - dim) / (4 * ave)
+    a = jax.lax.stop_gradient((1.0 - 1.0 / a) / 8.0)
+    b = jnp.sqrt(1.0 - 4.0 * a)
+    log_d = dim / 4.0 * jnp.log(1.0 - 4.0 * a)
+    z = b * jnp.einsum("...d,md->...m", x, projection)
+    exponent = z - 0.5 * jnp.sum(x * x, -1, keepdims=True) + a * jnp.sum(projection ** 2, -1)
+    feats = jnp.exp(exponent - _shift(z, is_query)) + _EXPPLUS_EPS
+    return jnp.exp(log_d) * feats / math.sqrt(projection.shape[0])
+
+
+def kernel_features(x, projection: Optional[jnp.ndarray], feature_transform: Optional[str], *,
+                    is_query: bool, other=None) -> jnp.ndarray:
+    """Features of (already scaled) `x [batch..., L, N, d]` -> `[batch..., L, N, m]` (`m = d` without projection).
+
+    `other` (the keys for queries and vice versa) is needed by `expplus` only. Exponential transforms are
+    shifted for stability: query rows by their own maximum, keys by one constant per example and head.
+    """
+    name = "identity" if feature_transform is None else feature_transform
+    if name not in FEATURE_TRANSFORMS:
+        raise ValueError(f"feature_transform must be one of {FEATURE_TRANSFORMS} or None, got {feature_transform!r}")
+    x = jnp.asarray(x, jnp.float32)
+    if name == "expplus":
+        if projection is None:  # Model Garden: nothing to randomise, the data passes through
+            return x
+        return _expplus_features(x, jnp.asarray(other, jnp.float32), projection, is_query)
+    if projection is None:
+        z, norm = x, 1.0
+    else:
+        z, norm = jnp.einsum("...d,md->...m", x, projection), math.sqrt(projection.shape[0])
+    if name == "exp":
+        exponent = z - 0.5 * jnp.sum(x * x, -1, keepdims=True)
+        return jnp.exp(exponent - _shift(exponent, is_query)) / norm
+    if name == "expmod":  # exp(-sqrt(d)/2) is a constant: it cancels in the normalisation
+        return jnp.exp(z - _shift(z, is_query)) * math.exp(-0.5 * math.sqrt(x.shape[-1])) / norm
+    if name == "relu":
+        return (jax.nn.relu(z) + _RELU_EPS) / norm
+    if name == "elu":
+        return (jax.nn.elu(z) + 1.0) / norm
+    if name == "square":
+        return jnp.square(z) / norm
+    return z / norm
+
+
+# ---------------------------------------------------------------- windowed causal form
+
+def _pad_seq(x: jnp.ndarray, before: int, after: int) -> jnp.ndarray:
+    """Pad axis -3 (the sequence) of `[batch..., L, N, *]` with zeros."""
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(before, after), (0, 0), (0, 0)])
+
+
+def windowed_causal_linear(phi_q, phi_k, value, *, chunk_length: int = 1, window_length: int = 3,
+                           window_decay: Optional[float] = None, padding: Optional[str] = None,
+                           eps: float = 1e-6) -> jnp.ndarray:
+    """Model Garden's windowed causal kernel attention on features: `[batch..., T, N, m]` x2, `[batch..., T, N, dv]`.
+
+    Chunks of `chunk_length` tokens attend bidirectionally inside the chunk and to the `window_length - 1`
+    previous chunks; chunk `c - i` is weighted `window_decay ** i` (1 when None). `padding` "left"/"right"
+    pads the length to a multiple of the chunk with zero features; None requires a length the chunk divides.
+    """
+    if not isinstance(chunk_length, int) or chunk_length < 1:
+        raise ValueError(f"causal_chunk_length must be a positive int, got {chunk_length!r}")
+    if not isinstance(window_length, int) or window_length < 1:
+        raise ValueError(f"causal_window_length must be a positive int, got {window_length!r}")
+    if padding not in (None, "left", "right"):
+        raise ValueError(f"causal_padding must be None, 'left' or 'right', got {padding!r}")
+    t = phi_q.shape[-3]
+    pad = -t % chunk_length
+    if pad and padding is None:
+        raise ValueError(f"sequence length {t} is not a multiple of causal_chunk_length={chunk_length}; "
+                         "pass causal_padding='right' or 'left'")
+    before, after = (pad, 0) if padding == "left" else (0, pad)
+    q, k, v = (_pad_seq(a, before, after) for a in (phi_q, phi_k, value))
+    n_chunks = (t + pad) // chunk_length
+
+    def chunks(a):  # [batch..., T, N, x] -> [batch..., n_chunks, C, N, x]
+        return a.reshape(a.shape[:-3] + (n_chunks, chunk_length) + a.shape[-2:])
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    v1 = jnp.concatenate([vc, jnp.ones(vc.shape[:-1] + (1,), vc.dtype)], -1)  # ones column: the normaliser
+    kv = jnp.einsum("...cnm,...cnv->...nmv", kc, v1)  # per chunk: [batch..., n_chunks, N, m, dv + 1]
+    decay = 1.0 if window_decay is None else float(window_decay)
+    # Window sum as a linear recurrence over chunks: s_c = decay s_{c-1} + kv_c - decay^W kv_{c-W}.
+    axis = kv.ndim - 4
+    leaving = jnp.pad(kv, [(0, 0)] * axis + [(window_length, 0), (0, 0), (0, 0), (0, 0)])
+    leaving = jax.lax.slice_in_dim(leaving, 0, n_chunks, axis=axis)
+    incoming = kv - decay ** window_length * leaving
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    gains = jnp.full((n_chunks,) + (1,) * (kv.ndim - axis - 1), decay, kv.dtype)
+    gains = jnp.broadcast_to(gains, kv.shape[:axis] + gains.shape)
+    _, window = jax.lax.associative_scan(combine, (gains, incoming), axis=axis)
+    summed = jnp.einsum("...cnm,...nmv->...cnv", qc, window)
+    out = summed[..., :-1] / (summed[..., -1:] + eps)
+    out = out.reshape(out.shape[:-4] + (n_chunks * chunk_length,) + out.shape[-2:])
+    return jax.lax.slice_in_dim(out, before, before + t, axis=out.ndim - 3)
+
+
+def causal_window_weights(seq_len: int, *, chunk_length: int = 1, window_length: int = 3,
+                          window_decay: Optional[float] = None, padding: Optional[str] = None) -> jnp.ndarray:
+    """`[T, T]` weight of key j in query i's sums for the windowed causal form (0 = not attended); for plots."""
+    pad = -seq_len % chunk_length
+    if pad and padding is None:
+        raise ValueError(f"sequence length {seq_len} is not a multiple of causal_chunk_length={chunk_length}")
+    pos = jnp.arange(seq_len) + (pad if padding == "left" else 0)
+    dist = pos[:, None] // chunk_length - pos[None, :] // chunk_length
+    decay = 1.0 if window_decay is None else float(window_decay)
+    inside = (dist >= 0) & (dist < window_length)
+    return jnp.where(inside, decay ** jnp.clip(dist, 0, None).astype(jnp.float32), 0.0)
+
+
+# ---------------------------------------------------------------- the attention function
+
+def _keep_keys(mask, key_shape: tuple) -> Optional[jnp.ndarray]:
+    """Boolean key mask broadcastable to `[batch..., N, 1, S]` -> bool `[batch..., N, 1, S]`."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != bool:
+        raise TypeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
+    *batch, s, n, _ = key_shape
+    target = tuple(batch) + (n, 1, s)
+    if mask.ndim >= 2 and mask.shape[-2] != 1:
+        raise ValueError(f"kernel attention can only hide keys for all queries alike: mask must broadcast to "
+                         f"[batch..., heads, 1, kv_len] = {target}, got {mask.shape}")
+    try:
+        return jnp.broadcast_to(mask, target)
+    except ValueError as err:
+        raise ValueError(f"mask of shape {mask.shape} does not broadcast to {target}") from err
+
+
+def kernel_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
+                     scale: Optional[float] = None, feature_transform: Optional[str] = "exp",
+                     num_random_features: int = 256, prng_key=None, projection=None, redraw: bool = False,
+                     training: bool = False, rng=None, is_short_seq: bool = False, begin_kernel: int = 0,
+                     scale_by_length: bool = False, causal_chunk_length: Optional[int] = None,
+                     causal_window_length: Optional[int] = None, causal_window_decay: Optional[float] = None,
+                     causal_padding: Optional[str] = None, eps: float = 1e-6) -> jnp.ndarray:
+    """Kernel (FAVOR+ and friends) attention `[batch..., T, N, dv]` from `[batch..., T, N, d]`, `[batch..., S, N, d]`, `[batch..., S, N, dv]`.
+
+    Args:
+      query, key, value: as `jax.nn.dot_product_attention`.
+      bias: must be None (the factorised sums never form the scores it would be added to).
+      mask: boolean key mask broadcastable to `[batch..., N, 1, S]` (True = may attend).
+      is_causal: query i sees keys j <= i (T == S). With `causal_window_length`, the windowed causal form.
+      scale: default `1/sqrt(d)`; split as `sqrt(scale)` on queries and keys (the whole scale on the queries
+        for `is_short_seq` and `begin_kernel`).
+      feature_transform: one of `FEATURE_TRANSFORMS` or None (= identity).
+      num_random_features: `m` projections; `<= 0`: the transform acts on the vectors themselves.
+      prng_key: key of the fixed projection (default `PRNGKey(0)`, Model Garden's `seed=0`): reproducible.
+      projection: an explicit `[m, d]` projection, overriding `prng_key`/`num_random_features`.
+      redraw, training, rng: with `redraw and training`, the projection is drawn from `rng` (a new key per
+        training call); in evaluation (`training=False`) the fixed one from `prng_key` is used.
+      is_short_seq: build the `[T, S]` matrix: softmax over the feature scores `phi(q) . phi(k)`.
+      begin_kernel: the first `begin_kernel` queries get exact softmax attention, the rest kernel attention.
+      scale_by_length: multiply the scale by `log(n) / log(512)`, `n` the number of visible keys (entropy-stable
+        scaling, https://kexue.fm/archives/8823).
+      causal_chunk_length: plain causal: lab 04's chunk size (None = prefix sums; same result, less memory);
+        windowed causal: tokens per chunk (default 1).
+      causal_window_length: None: plain causal over the whole prefix; an int W: windowed causal, W chunks.
+      causal_window_decay: windowed only: weight `decay ** i` for the chunk i chunks back.
+      causal_padding: windowed only: "right"/"left" pads to a multiple of the chunk; None requires one.
+      eps: added to every denominator.
+
+    Returns:
+      `[batch..., T, N, dv]` in `value`'s dtype, computed in float32.
+    """
+    query, key, value = check_qkv(query, key, value)
+    if bias is not None:
+        raise ValueError("kernel attention cannot add a bias to scores it never forms; pass bias=None")
+    t, s, d = query.shape[-3], key.shape[-3], query.shape[-1]
+    if is_causal and t != s:
+        raise ValueError(f"is_causal=True needs as many queries as keys; got query {query.shape}, key {key.shape}")
+    windowed = causal_window_length is not None
+    if windowed and not is_causal:
+        raise ValueError("causal_window_length selects the windowed causal form: pass is_causal=True too")
+    if windowed and is_short_seq:
+        raise ValueError("the windowed causal form and is_short_seq are mutually exclusive")
+    if not isinstance(begin_kernel, int) or begin_kernel < 0:
+        raise ValueError(f"begin_kernel must be a non-negative int, got {begin_kernel!r}")
+    keep = _keep_keys(mask, key.shape)
+
+    if projection is not None:
+        projection = jnp.asarray(projection, jnp.float32)
+        if projection.ndim != 2 or projection.shape[-1] != d:
+            raise ValueError(f"projection must be [m, {d}] for head dim {d}, got {projection.shape}")
+    elif num_random_features > 0:
+        if redraw and training:
+            if rng is None:
+                raise ValueError("redraw=True with training=True draws a new projection per call: pass rng")
+            projection = random_projection(rng, num_random_features, d)
+        else:
+            projection = random_projection(jax.random.PRNGKey(0) if prng_key is None else prng_key,
+                                           num_random_features, d)
+
+    scale = jnp.float32(default_scale(scale, d))
+    if scale_by_length:
+        visible = jnp.float32(s) if keep is None else jnp.sum(keep, axis=-1, dtype=jnp.float32)  # [batch.., N, 1]
+        scale = scale * jnp.log(visible) / math.log(512.0)
+        if keep is not None:
+            scale = jnp.swapaxes(scale, -1, -2)[..., None]  # [batch..., 1, N, 1]: broadcasts over T and d
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (query, key, value))
+
+    if is_short_seq:
+        phi_q = kernel_features(q32 * scale, projection, feature_transform, is_query=True, other=k32)
+        phi_k = kernel_features(k32, projection, feature_transform, is_query=False, other=q32 * scale)
+        out = dot_product_attention(phi_q, phi_k, v32, mask=keep, is_causal=is_causal, scale=1.0)
+    else:
+        root = jnp.sqrt(scale)
+        qs, ks = q32 * root, k32 * root
+        phi_q = kernel_features(qs, projection, feature_transform, is_query=True, other=ks)
+        phi_k = kernel_features(ks, projection, feature_transform, is_query=False, other=qs)
+        if windowed:
+            if keep is not None:
+                phi_k = phi_k * jnp.swapaxes(keep[..., 0, :], -1, -2)[..., None]
+            out = windowed_causal_linear(phi_q, phi_k, v32, chunk_length=causal_chunk_length or 1,
+                                         window_length=causal_window_length, window_decay=causal_window_decay,
+                                         padding=causal_padding, eps=eps)
+        else:
+            out = linear_attention(phi_q, phi_k, v32, mask=keep, is_causal=is_causal, scale=1.0,
+                                   feature_map="identity", chunk_size=causal_chunk_length, eps=eps)
+    if begin_kernel > 0:
+        n_soft = min(begin_kernel, t)
+        soft = dot_product_attention(q32[..., :n_soft, :, :] * scale, k32, v32, scale=1.0,
+                                     mask=_causal_prefix_mask(keep, n_soft, s, is_causal))
+        out = jnp.concatenate([soft, out[..., n_soft:, :, :]], axis=-3)
+    return out.astype(value.dtype)
+
+
+def _causal_prefix_mask(keep, n_rows: int, s: int, is_causal: bool):
+    """Mask `[batch..., N, n_rows, S]` for the softmax rows of `begin_kernel` (key mask and causality)."""
+    if not is_causal:
+        return keep
+    tri = jnp.tril(jnp.ones((n_rows, s), bool))
+    return tri if keep is None else jnp.logical_and(keep, tri)
+

@@ -1,0 +1,189 @@
+"""Lab 05 exercises: FAVOR+ positive random features, FAVOR+ attention for one head, and the windowed causal form.
+
+Projections come from `labkit.attention.kernel.random_projection` with fixed PRNG keys; expected values come
+from `labkit.attention.kernel`. The written-out mistakes compute the same quantities with one step wrong."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from labkit.attention import kernel as ka
+from labkit.grading.exercise import Case, Exercise, Mistake, register
+
+EPS = 1e-6
+
+
+def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+def _projection(seed: int, m: int, d: int) -> np.ndarray:
+    return np.asarray(ka.random_projection(jax.random.PRNGKey(seed), m, d))
+
+
+# ---------------------------------------------------------------- 1. positive random features
+
+def positive_features_reference(x, w):
+    """`x [L, d]`, `w [m, d]` -> `exp(x w^T - |x|^2 / 2) / sqrt(m)`, `[L, m]`."""
+    return ka.positive_random_features(jnp.asarray(x), jnp.asarray(w))
+
+
+def _features_with(x, w, *, norm_term=True, normalise=True, sign=1.0):
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    z = sign * x @ w.T - (0.5 * jnp.sum(x * x, -1, keepdims=True) if norm_term else 0.0)
+    return jnp.exp(z) / (jnp.sqrt(w.shape[0]) if normalise else 1.0)
+
+
+def _features_case(name, seed, length, d, m, *, scale=0.5):
+    return Case(name, lambda: ((_normal(seed, length, d, scale=scale), _projection(seed, m, d)), {}),
+                atol=1e-6, rtol=1e-5)
+
+
+register(Exercise(
+    id="lab05.positive_features",
+    description="FAVOR+ positive random features phi(x) = exp(W x - |x|^2/2) / sqrt(m): E[phi(q).phi(k)] = exp(q.k)",
+    points=2,
+    reference=positive_features_reference,
+    cases=[
+        _features_case("tiny: 3 vectors, dim 2, 4 features", 0, 3, 2, 4),
+        _features_case("5 features for dim 4 (not a multiple)", 10, 6, 4, 5),
+        _features_case("one vector", 20, 1, 3, 6),
+        _features_case("longer vectors: |x| up to ~3", 30, 8, 8, 16, scale=1.0),
+        _features_case("64 features, dim 16", 40, 20, 16, 64),
+    ],
+    mistakes=[
+        Mistake("missing -|x|^2/2", functools.partial(_features_with, norm_term=False),
+                "subtract |x|^2 / 2 inside the exponent: E[exp(w.q) exp(w.k)] = exp(|q + k|^2 / 2), and the two "
+                "norm terms turn it into exp(q.k)"),
+        Mistake("missing 1/sqrt(m)", functools.partial(_features_with, normalise=False),
+                "divide by sqrt(m): phi(q).phi(k) is then the average over the m projections, not their sum"),
+    ],
+    default_hint="z = x @ w.T; phi = jnp.exp(z - 0.5 * jnp.sum(x**2, -1, keepdims=True)) / jnp.sqrt(w.shape[0])",
+    nan_hint="exp() overflowed: subtract |x|^2/2 inside the exponent (not after exponentiating)",
+))
+
+
+# ---------------------------------------------------------------- 2. FAVOR+ attention, one head
+
+def favor_attention_reference(q, k, v, w):
+    """One head, non-causal: `q [T, d]`, `k [S, d]`, `v [S, dv]`, projection `w [m, d]` -> `[T, dv]`.
+
+    Both q and k are multiplied by `d ** -0.25` (the 1/sqrt(d) scale split in two), mapped with FAVOR+ features,
+    then `out = phi(q) (phi(k)^T v) / (phi(q) . sum_j phi(k_j) + 1e-6)`."""
+    return ka.kernel_attention(q[:, None], k[:, None], v[:, None], projection=w, feature_transform="exp",
+                               eps=EPS)[:, 0]
+
+
+def _favor_with(q, k, v, w, *, q_power=0.25, k_power=0.25, normalise=True, shift=False):
+    q, k, v, w = (jnp.asarray(a) for a in (q, k, v, w))
+    d = q.shape[-1]
+
+    def phi(x):
+        z = x @ w.T - 0.5 * jnp.sum(x * x, -1, keepdims=True)
+        if shift:
+            z = z - jnp.max(z)
+        return jnp.exp(z) / jnp.sqrt(w.shape[0])
+
+    fq, fk = phi(q * d ** -q_power), phi(k * d ** -k_power)
+    num = fq @ (fk.T @ v)
+    return num / (fq @ fk.sum(0) + EPS)[:, None] if normalise else num
+
+
+def _favor_case(name, seed, t, s, d, m, dv=None, *, scale=0.5):
+    def inputs():
+        return (_normal(seed, t, d, scale=scale), _normal(seed + 1, s, d, scale=scale), _normal(seed + 2, s, dv or d),
+                _projection(seed, m, d)), {}
+    return Case(name, inputs, atol=1e-4, rtol=1e-3)
+
+
+register(Exercise(
+    id="lab05.favor_attention",
+    description="FAVOR+ attention for one head: split the scale, positive features, linear attention",
+    points=3,
+    reference=favor_attention_reference,
+    cases=[
+        _favor_case("tiny: seq 4, dim 2, 8 features", 0, 4, 4, 2, 8),
+        _favor_case("3 queries, 7 keys, dim 4, value dim 5, 6 features", 10, 3, 7, 4, 6, 5),
+        _favor_case("length 1", 20, 1, 1, 4, 8),
+        _favor_case("seq 32, dim 8, 64 features", 30, 32, 32, 8, 64),
+        _favor_case("longer vectors: |q|, |k| ~ 2, seq 6", 40, 6, 6, 4, 8, scale=1.0),
+    ],
+    mistakes=[
+        Mistake("scale on the queries only", functools.partial(_favor_with, q_power=0.5, k_power=0.0, shift=True),
+                "split the scale: multiply both q and k by d ** -0.25 (the random features estimate exp(q'.k') "
+                "of the vectors you feed them, and their variance depends on both norms)"),
+        Mistake("no scale", functools.partial(_favor_with, q_power=0.0, k_power=0.0, shift=True),
+                "multiply q and k by d ** -0.25 each, so the features estimate exp(q.k / sqrt(d))"),
+        Mistake("missing normaliser", functools.partial(_favor_with, normalise=False, shift=True),
+                "divide each row by phi(q_i) . sum_j phi(k_j) (+ 1e-6), the estimate of the softmax denominator"),
+    ],
+    default_hint="qs, ks = q * d**-0.25, k * d**-0.25; fq, fk = phi(qs), phi(ks); "
+                 "out = (fq @ (fk.T @ v)) / (fq @ fk.sum(0) + 1e-6)[:, None]",
+    nan_hint="exp() overflowed or every feature underflowed to 0: shift each exponent before exp() - query rows by "
+             "their own maximum, keys all by one common maximum (the shifts cancel in the normalisation)",
+))
+
+
+# ---------------------------------------------------------------- 3. windowed causal form
+
+def windowed_causal_reference(phi_q, phi_k, v, chunk_length, window_length, window_decay=None):
+    """Features `phi_q, phi_k [T, m]`, `v [T, dv]` -> `[T, dv]`: chunks of `chunk_length` attend bidirectionally
+    inside the chunk and to the `window_length - 1` previous chunks, chunk c - i weighted `window_decay ** i`;
+    a length the chunk does not divide is padded on the right with zero features."""
+    return ka.windowed_causal_linear(phi_q[:, None], phi_k[:, None], v[:, None], chunk_length=chunk_length,
+                                     window_length=window_length, window_decay=window_decay, padding="right",
+                                     eps=EPS)[:, 0]
+
+
+def _windowed_with(phi_q, phi_k, v, chunk_length, window_length, window_decay=None, *, token_causal=False,
+                   extra_chunk=0, reverse_decay=False):
+    t = phi_q.shape[0]
+    chunk = np.arange(t) // chunk_length
+    dist = chunk[:, None] - chunk[None, :]
+    keep = (dist >= 0) & (dist < window_length + extra_chunk)
+    if token_causal:
+        keep &= np.tril(np.ones((t, t), bool))
+    power = window_length - 1 - dist if reverse_decay else dist
+    weights = np.where(keep, (1.0 if window_decay is None else window_decay) ** np.clip(power, 0, None), 0)
+    a = (jnp.asarray(phi_q) @ jnp.asarray(phi_k).T) * weights
+    return (a @ jnp.asarray(v)) / (a.sum(-1) + EPS)[:, None]
+
+
+def _window_case(name, seed, t, m, chunk, window, decay=None):
+    def inputs():
+        phi_q = np.exp(_normal(seed, t, m, scale=0.5))
+        phi_k = np.exp(_normal(seed + 1, t, m, scale=0.5))
+        return (phi_q, phi_k, _normal(seed + 2, t, 3), chunk, window), {"window_decay": decay}
+    return Case(name, inputs, atol=1e-5, rtol=1e-4)
+
+
+register(Exercise(
+    id="lab05.windowed_causal",
+    description="windowed causal kernel attention: chunks attend inside themselves and to W - 1 earlier chunks",
+    points=3,
+    reference=windowed_causal_reference,
+    cases=[
+        _window_case("chunks of 1, window 3, seq 6", 0, 6, 4, 1, 3),
+        _window_case("chunks of 3, window 2, seq 9 (the picture above)", 10, 9, 4, 3, 2),
+        _window_case("chunks of 2, window 3, decay 0.5, seq 8", 20, 8, 4, 2, 3, 0.5),
+        _window_case("seq 7, chunks of 3: pad on the right", 30, 7, 4, 3, 2, 0.8),
+        _window_case("length 1", 40, 1, 4, 1, 3),
+        _window_case("window longer than the sequence", 50, 10, 6, 2, 20),
+    ],
+    mistakes=[
+        Mistake("causal inside the chunk", functools.partial(_windowed_with, token_causal=True),
+                "inside its own chunk a token sees every token, later ones included (bidirectional); causality "
+                "holds between chunks only"),
+        Mistake("window one chunk too long", functools.partial(_windowed_with, extra_chunk=1),
+                "the window counts the current chunk: chunk c sees chunks c - W + 1 .. c (W chunks in all)"),
+        Mistake("decay reversed", functools.partial(_windowed_with, reverse_decay=True),
+                "the decay fades the past: the current chunk has weight 1 and chunk c - i gets window_decay ** i "
+                "(the oldest chunk in the window the smallest weight)"),
+    ],
+    default_hint="weight(i, j) = decay ** (c_i - c_j) if 0 <= c_i - c_j < W else 0, with c = position // chunk; "
+                 "out = (A * weight) v / ((A * weight) 1 + 1e-6) where A = phi_q phi_k^T",
+))
