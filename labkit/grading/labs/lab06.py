@@ -1,0 +1,176 @@
+"""Lab 06 exercises: Linformer's projected attention, padding before projection, sharing-mode parameter counts."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from labkit.attention.linformer import linformer_attention, num_projection_params
+from labkit.grading.exercise import Case, Exercise, Mistake, register
+
+
+def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------- 1. projected attention for one head
+
+def projected_attention_reference(q, k, v, e, f):
+    """One head: q `[T, d]`, k `[n, d]`, v `[n, dv]`, E, F `[k, n]` -> `softmax(q (E k)^T / sqrt(d)) (F v)`."""
+    return linformer_attention(q[:, None], k[:, None], v[:, None], e, f)[:, 0]
+
+
+def _projected_with(q, k, v, e, f, *, feature_axis=False, scale=True, axis=-1, values_with_e=False):
+    """Wrong projected attentions, one mistake at a time."""
+    if feature_axis:  # mixes each key's features instead of positions (only runs when d == n == k)
+        pk, pv = k @ e.T, v @ (e if values_with_e else f).T
+    else:
+        pk, pv = e @ k, (e if values_with_e else f) @ v
+    scores = q @ pk.T / (np.sqrt(q.shape[-1]) if scale else 1.0)
+    return jax.nn.softmax(scores, axis=axis) @ pv
+
+
+def _proj_case(name, seed, t, n, k, d, dv=None, *, logit_scale=1.0, identity=False):
+    def inputs():
+        q = _normal(seed, t, d, scale=logit_scale)
+        keys = _normal(seed + 1, n, d, scale=logit_scale)
+        v = _normal(seed + 2, n, dv or d)
+        if identity:
+            e = f = np.eye(n, dtype=np.float32)
+        else:
+            e, f = _normal(seed + 3, k, n, scale=k ** -0.5), _normal(seed + 4, k, n, scale=k ** -0.5)
+        return (q, keys, v, e, f), {}
+    return Case(name, inputs, atol=1e-5, rtol=1e-4)
+
+
+register(Exercise(
+    id="lab06.projected_attention",
+    description="Linformer attention for one head: project keys and values along the sequence axis with E, F",
+    points=3,
+    reference=projected_attention_reference,
+    cases=[
+        _proj_case("tiny: 3 queries, n = 6 keys projected to k = 2, dim 2", 0, 3, 6, 2, 2),
+        _proj_case("square: n = k = d = 4 (the shapes cannot tell the axes apart)", 10, 5, 4, 4, 4),
+        _proj_case("k = n with E = F = identity: exactly dense attention", 20, 6, 6, 6, 3, identity=True),
+        _proj_case("n = 16 keys to k = 4, d = 8, value dim 5", 30, 16, 16, 4, 8, 5),
+        _proj_case("large logits: scores up to ~1e3", 40, 8, 8, 4, 4, logit_scale=20.0),
+        _proj_case("length 1: one query, one key, k = 1", 50, 1, 1, 1, 3),
+    ],
+    mistakes=[
+        Mistake("projected the feature axis", functools.partial(_projected_with, feature_axis=True),
+                "E and F are [k, n]: they mix positions, so project along the sequence axis, E @ k ([k, n] @ "
+                "[n, d] -> [k, d]), not the features (k @ E.T)"),
+        Mistake("values projected with E", functools.partial(_projected_with, values_with_e=True),
+                "keys are projected with E, values with F (F v), unless the two are shared"),
+        Mistake("missing scale", functools.partial(_projected_with, scale=False),
+                "divide the scores by sqrt(d), the query/key dimension, before the softmax"),
+        Mistake("softmax over queries", functools.partial(_projected_with, axis=0),
+                "the softmax runs over the k projected keys, i.e. along each row (axis=-1)"),
+    ],
+    default_hint="pk = E @ k, pv = F @ v; scores = q @ pk.T / sqrt(d); softmax along each row; multiply by pv",
+))
+
+
+# ---------------------------------------------------------------- 2. variable lengths: pad and mask before E
+
+def padded_attention_reference(q, k, v, e, f, valid):
+    """One head with `S <= n` keys, `valid [S]` (False = padding): zero hidden keys/values, pad to n, project."""
+    return linformer_attention(q[:, None], k[:, None], v[:, None], e, f, mask=valid)[:, 0]
+
+
+def _padded_with(q, k, v, e, f, valid, *, zero_hidden=True, pad_front=False):
+    """Wrong ways of feeding a short, padded sequence to E and F."""
+    n, s = e.shape[-1], k.shape[0]
+    if zero_hidden:
+        k, v = jnp.where(valid[:, None], k, 0), jnp.where(valid[:, None], v, 0)
+    widths = ((n - s, 0), (0, 0)) if pad_front else ((0, n - s), (0, 0))
+    k, v = jnp.pad(k, widths), jnp.pad(v, widths)
+    return jax.nn.softmax(q @ (e @ k).T / np.sqrt(q.shape[-1]), axis=-1) @ (f @ v)
+
+
+def _pad_case(name, seed, t, s, n, k, d, *, hidden=()):
+    def inputs():
+        q = _normal(seed, t, d)
+        keys = _normal(seed + 1, s, d)
+        v = _normal(seed + 2, s, d)
+        valid = np.ones(s, bool)
+        valid[list(hidden)] = False
+        keys[~valid] = 50.0  # whatever sits at padding must not matter
+        v[~valid] = -50.0
+        e, f = _normal(seed + 3, k, n, scale=k ** -0.5), _normal(seed + 4, k, n, scale=k ** -0.5)
+        return (q, keys, v, e, f, valid), {}
+    return Case(name, inputs, atol=1e-5, rtol=1e-4)
+
+
+register(Exercise(
+    id="lab06.padded_attention",
+    description="projected attention for a sequence shorter than n: hide padding, pad to n, then project",
+    points=2,
+    reference=padded_attention_reference,
+    cases=[
+        _pad_case("full length: S = n = 6, nothing hidden", 0, 4, 6, 6, 3, 4),
+        _pad_case("shorter: S = 5 keys, n = 8", 10, 5, 5, 8, 3, 4),
+        _pad_case("S = 6 of n = 8, last two tokens are padding", 20, 6, 6, 8, 4, 4, hidden=(4, 5)),
+        _pad_case("padding in the middle: S = 7 of n = 12, k = 5", 30, 7, 7, 12, 5, 8, hidden=(1, 3, 6)),
+        _pad_case("length 1 of n = 4", 40, 1, 1, 4, 2, 3),
+    ],
+    mistakes=[
+        Mistake("padding not hidden before projecting", functools.partial(_padded_with, zero_hidden=False),
+                "E and F mix every position into every projected key: zero the hidden keys and values (where "
+                "valid is False) BEFORE multiplying by E and F, or the padding leaks into all of them"),
+        Mistake("padded at the front", functools.partial(_padded_with, pad_front=True),
+                "position j of the sequence must meet column j of E: append the zeros at the end "
+                "(jnp.pad(k, ((0, n - S), (0, 0)))), not in front (which is the same as using E's last S columns)"),
+    ],
+    default_hint="k, v = where(valid, k, 0), where(valid, v, 0); pad both to n rows with zeros at the end; "
+                 "then softmax(q (E k)^T / sqrt(d)) (F v)",
+))
+
+
+# ---------------------------------------------------------------- 3. parameter counts of the sharing modes
+
+def projection_params_reference(sharing, n_heads, proj_k, max_len, n_layers):
+    """E/F parameters of a model: 'none' (per head), 'headwise', 'kv' (E = F) or 'layerwise' sharing."""
+    return num_projection_params(sharing, n_heads=n_heads, proj_k=proj_k, max_len=max_len, n_layers=n_layers)
+
+
+def _params_with(sharing, n_heads, proj_k, max_len, n_layers, *, forget_f=False, layerwise_per_layer=False,
+                 heads_everywhere=False):
+    matrices = {"none": 2, "headwise": 2, "kv": 1, "layerwise": 1}[sharing]
+    if forget_f:
+        matrices = 1
+    heads = n_heads if sharing == "none" or heads_everywhere else 1
+    layers = 1 if sharing == "layerwise" and not layerwise_per_layer else n_layers
+    return matrices * heads * layers * proj_k * max_len
+
+
+def _params_case(sharing, n_heads, proj_k, max_len, n_layers):
+    return Case(f"{sharing}: {n_heads} heads, k = {proj_k}, n = {max_len}, {n_layers} layers",
+                lambda: ((sharing, n_heads, proj_k, max_len, n_layers), {}))
+
+
+register(Exercise(
+    id="lab06.projection_params",
+    description="count the E/F parameters of each sharing mode (per head, headwise, key-value, layerwise)",
+    points=1,
+    reference=projection_params_reference,
+    cases=[
+        _params_case("none", 4, 8, 64, 1),
+        _params_case("headwise", 4, 8, 64, 2),
+        _params_case("kv", 12, 256, 512, 12),
+        _params_case("layerwise", 12, 256, 512, 12),
+        _params_case("none", 1, 1, 1, 1),
+    ],
+    mistakes=[
+        Mistake("forgot F", functools.partial(_params_with, forget_f=True),
+                "without key-value sharing there are two matrices per layer: E for keys and F for values"),
+        Mistake("layerwise counted per layer", functools.partial(_params_with, layerwise_per_layer=True),
+                "layerwise sharing means ONE matrix for the whole model: do not multiply by the number of layers"),
+        Mistake("heads counted when shared", functools.partial(_params_with, heads_everywhere=True),
+                "only 'none' has one E, F per head; headwise, kv and layerwise share them across heads"),
+    ],
+    default_hint="each matrix is proj_k x max_len; count matrices per head, per layer, and E/F separately",
+))
