@@ -57,3 +57,348 @@ class DotProductSelfAttention(tl.SelfAttention):
             dropout_rate=self._attention_dropout, dropout_rng=attend_rng)[:, 0]
         out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
         return out, state
+
+
+from labkit.attention.lsh import default_n_buckets, lsh_attention_head, lsh_buckets  # noqa: E402 - lab 02 section
+
+
+class LSHSelfAttention(tl.LSHSelfAttention):
+    """`tl.LSHSelfAttention` whose per-head attention is built from `labkit.attention.lsh`.
+
+    Same constructor, weights (`w_q, w_v, w_o`: queries and keys are shared) and state (per example and
+    head: the last bucket ids and the hashing rng). Given the same weights, state and rng it returns
+    Trax's outputs and new state. Differences, both deliberate: `bias=True` works (Trax's forward
+    cannot unpack the biases), and with `masked=True` exactly the marked positions are hidden (Trax's
+    sign trick on 1-based positions cannot hide positions 0 and 1).
+    """
+
+    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        attend_rng, output_rng = jax.random.split(rng)
+        q, _, v, w_o = project_qkv(x, weights, share_qk=True, bias=self._bias)
+        seq_len = x.shape[0]
+        if update_state:
+            # Fresh hashes each call: advance the per-head rng kept in the state, as Trax does.
+            _, old_hash_rng = state
+            hash_rng, hash_subrng = jax.random.split(old_hash_rng)
+            n_buckets = self._n_buckets or default_n_buckets(seq_len, self._chunk_len)
+            buckets = lsh_buckets(q, n_buckets, self._n_hashes, hash_subrng, mask)
+            stored = buckets
+            if self._max_length_for_buckets:  # the state has a fixed size: pad the ids
+                stored = jnp.pad(buckets, (0, self._n_hashes * self._max_length_for_buckets - buckets.shape[0]))
+            state = (stored, hash_rng)
+        else:
+            # Re-use the hashes of the forward pass (e.g. when recomputing it for the backward pass).
+            buckets = state[0][:self._n_hashes * seq_len]
+        o = lsh_attention_head(
+            q, v, buckets, mask, n_hashes=self._n_hashes, is_causal=self._causal, chunk_len=self._chunk_len,
+            n_chunks_before=self._n_chunks_before, n_chunks_after=self._n_chunks_after,
+            dropout_rate=self._attention_dropout, dropout_rng=attend_rng)
+        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
+        return out, state
+
+
+# ---------------------------------------------------------------- lab 04: linear attention
+
+from labkit.attention.linear import FeatureMap, linear_attention  # noqa: E402 - appended section, lab 04
+
+
+class LinearSelfAttention(tl.SelfAttention):
+    """`tl.SelfAttention` whose per-head attention is `labkit.attention.linear.linear_attention`.
+
+    Same constructor arguments and weights as `tl.SelfAttention`, plus `feature_map` ("elu" = elu + 1,
+    "relu", "identity" or a callable) and `eps`. The projections `w_q, w_k, w_v, w_o` (and biases) are used
+    exactly as Trax uses them; only the softmax is replaced by the kernel `phi(q) . phi(k)`, so the outputs
+    are linear attention's, not softmax attention's. `chunk_len`, if given, is the chunk size of the
+    chunkwise causal form (the result does not depend on it; memory does), not a local-attention window.
+
+    Not supported (rejected in the constructor): `share_qk`, `n_chunks_before/after` (local windows), and
+    `mode='predict'` (decode with `labkit.attention.linear.recurrent_step` / `generate` instead).
+    `attention_dropout` is accepted so Trax models can pass it, but has no effect: linear attention never
+    forms the attention matrix it would drop entries from. `output_dropout` works as in Trax.
+    """
+
+    def __init__(self, *args, feature_map: FeatureMap = "elu", eps: float = 1e-6, **kwargs):
+        if kwargs.get("mode") == "predict":
+            raise ValueError("LinearSelfAttention does not implement mode='predict'; decode with "
+                             "labkit.attention.linear.recurrent_step or generate")
+        super().__init__(*args, **kwargs)
+        if self._share_qk:
+            raise ValueError("LinearSelfAttention does not support share_qk=True")
+        if self._n_chunks_before or self._n_chunks_after:
+            raise ValueError("LinearSelfAttention attends to the whole (causal) prefix: n_chunks_before and "
+                             f"n_chunks_after must be 0, got {self._n_chunks_before}, {self._n_chunks_after}")
+        self._feature_map = feature_map
+        self._eps = eps
+
+    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        del update_state
+        q, k, v, w_o = project_qkv(x, weights, share_qk=False, bias=self._bias)
+        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, S]
+        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
+        o = linear_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, is_causal=self._causal,
+                             feature_map=self._feature_map, chunk_size=self._chunk_len, eps=self._eps)[:, 0]
+        _, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
+        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
+        return out, state
+
+
+# ---------------------------------------------------------------- lab 03: memory-efficient exact attention
+
+from labkit.attention.chunked import (  # noqa: E402 - appended section, lab 03
+    DEFAULT_KEY_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, memory_efficient_attention)
+
+
+class MemoryEfficientSelfAttention(tl.SelfAttention):
+    """`tl.SelfAttention` computed by `labkit.attention.chunked.memory_efficient_attention` (Rabe & Staats).
+
+    Same constructor arguments and weights as `tl.SelfAttention`, plus `query_chunk_size`, `key_chunk_size`,
+    `checkpoint` and `skip_blocks` (see `memory_efficient_attention`). Weights copied from a
+    `tl.SelfAttention` give the same outputs and gradients (exact attention, float rounding apart), while each
+    head holds at most one `[query_chunk, key_chunk]` block of scores. With `masked=True` the mask hides
+    exactly the positions it marks (as `DotProductSelfAttention`).
+
+    Not supported (rejected in the constructor): `share_qk`, `chunk_len` (local windows: use
+    `DotProductSelfAttention`), `attention_dropout > 0` in training (the attention matrix it would drop entries
+    from never exists), and `mode='predict'`. `output_dropout` works as in Trax.
+
+    TFLite export (`labkit.export.to_tflite`): build it with `use_reference_code=True` (Trax then loops over
+    examples and heads instead of `vmap`, keeping tensors within TFLite's 5 dimensions) and
+    `skip_blocks=False` (no conditionals inside loops).
+    """
+
+    def __init__(self, *args, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
+                 key_chunk_size: int = DEFAULT_KEY_CHUNK_SIZE, checkpoint: bool = True, skip_blocks: bool = True,
+                 **kwargs):
+        if kwargs.get("mode") == "predict":
+            raise ValueError("MemoryEfficientSelfAttention does not implement mode='predict'")
+        super().__init__(*args, **kwargs)
+        if self._share_qk:
+            raise ValueError("MemoryEfficientSelfAttention does not support share_qk=True")
+        if self._chunk_len is not None:
+            raise ValueError(f"MemoryEfficientSelfAttention attends to the whole sequence: chunk_len must be None, "
+                             f"got {self._chunk_len} (use DotProductSelfAttention for local attention)")
+        if self._attention_dropout:
+            raise ValueError(f"MemoryEfficientSelfAttention does not support attention_dropout "
+                             f"(got {self._attention_dropout}); use output_dropout")
+        self._query_chunk_size = query_chunk_size
+        self._key_chunk_size = key_chunk_size
+        self._checkpoint = checkpoint
+        self._skip_blocks = skip_blocks
+
+    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        del update_state
+        q, k, v, w_o = project_qkv(x, weights, share_qk=False, bias=self._bias)
+        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, S]
+        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
+        o = memory_efficient_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, is_causal=self._causal,
+                                       query_chunk_size=self._query_chunk_size,
+                                       key_chunk_size=self._key_chunk_size, checkpoint=self._checkpoint,
+                                       skip_blocks=self._skip_blocks)[:, 0]
+        _, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
+        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
+        return out, state
+
+
+# ---------------------------------------------------------------- lab 07: LEAP
+
+from labkit.attention.leap import leap_attention, leap_attention_bidirectional  # noqa: E402 - lab 07 section
+from labkit.attention.positional import rotary as rotary_embedding  # noqa: E402 - lab 07 section
+
+
+class LEAPSelfAttention(tl.SelfAttention):
+    """LEAP attention (`labkit.attention.leap`) as a Trax layer: four projections per head instead of three.
+
+    Weight layout (stacked over heads by Trax, so each entry has a leading `n_heads` axis):
+    `(w_q, w_f, w_k, w_v, w_o)` with `w_q, w_f, w_k [d_model, d_qk]`, `w_v [d_model, d_v]`,
+    `w_o [d_v, d_model]`; with `bias=True` followed by `(b_q, b_f, b_k, b_v)`. So it is NOT weight-compatible
+    with `tl.SelfAttention` (which has no focus projection `w_f`). Per head: `q, f, k, v = x @ w_* (+ b_*)`,
+    `o = leap_attention(q, f, k, v)`, and the layer returns the sum over heads of `o @ w_o`.
+
+    Extra constructor arguments: `window` (None = global LEAP), `rescale` (None or the strong-scaling
+    constant), `rotary` (rotate q, f, k by their positions: the focus logits `f_j . k_j` are unchanged and the
+    query gate `q_t . K~_t` sees only relative positions). `causal=True` is decoder LEAP; `causal=False` is
+    the bidirectional form (mean of a left-to-right and a right-to-left pass). `masked=True`: padding
+    positions (mask False) get no focus. `attention_dropout` is accepted but unused (no attention matrix
+    is formed); `output_dropout` works as in Trax. Rejected: `share_qk`, `chunk_len`/`n_chunks_*`
+    (use `window`), `mode='predict'` (decode with `labkit.attention.leap.leap_step` / `generate`).
+    """
+
+    def __init__(self, *args, window: int | None = None, rescale: float | None = None, rotary: bool = False,
+                 **kwargs):
+        if kwargs.get("mode") == "predict":
+            raise ValueError("LEAPSelfAttention does not implement mode='predict'; decode with "
+                             "labkit.attention.leap.leap_step or generate")
+        super().__init__(*args, **kwargs)
+        if self._share_qk:
+            raise ValueError("LEAPSelfAttention does not support share_qk=True (it has separate focus and key projections)")
+        if self._chunk_len is not None or self._n_chunks_before or self._n_chunks_after:
+            raise ValueError("LEAPSelfAttention takes window=..., not chunk_len/n_chunks_before/n_chunks_after")
+        self._window = window
+        self._rescale = rescale
+        self._rotary = rotary
+
+    def create_weights_unbatched(self, input_signature, rng):
+        """One head's `(w_q, w_f, w_k, w_v, w_o[, b_q, b_f, b_k, b_v])`, initialised like Trax's."""
+        if isinstance(input_signature, (tuple, list)):
+            input_signature = input_signature[0]
+        d_model = input_signature.shape[-1]
+        rng_q, rng_f, rng_k, rng_v, rng_o = jax.random.split(rng, 5)
+        w_q, w_f, w_k = (self._kernel_initializer((d_model, self._d_qk), r) for r in (rng_q, rng_f, rng_k))
+        w_v = self._kernel_initializer((d_model, self._d_v), rng_v)
+        w_o = jnp.transpose(self._kernel_initializer((d_model, self._d_v), rng_o))
+        if self._bias:
+            zeros = jnp.zeros(self._d_qk)
+            return (w_q, w_f, w_k, w_v, w_o, zeros, zeros, zeros, jnp.zeros(self._d_v))
+        return (w_q, w_f, w_k, w_v, w_o)
+
+    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        del update_state
+        w_q, w_f, w_k, w_v, w_o = weights[:5]
+        b_q, b_f, b_k, b_v = weights[5:] if self._bias else (0.0,) * 4
+        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
+        q, f, k, v = ((x @ w + b)[:, None] for w, b in ((w_q, b_q), (w_f, b_f), (w_k, b_k), (w_v, b_v)))
+        if self._rotary:
+            q, f, k = (rotary_embedding(a) for a in (q, f, k))
+        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, T]
+        attend = leap_attention if self._causal else leap_attention_bidirectional
+        o = attend(q, f, k, v, window=self._window, rescale=self._rescale, mask=key_mask)[:, 0]
+        _, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
+        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
+        return out, state
+
+
+# ---------------------------------------------------------------- lab 05: kernel attention (FAVOR+)
+
+from labkit.attention.kernel import kernel_attention  # noqa: E402 - appended section, lab 05
+
+
+class KernelSelfAttention(tl.SelfAttention):
+    """`tl.SelfAttention` whose per-head attention is `labkit.attention.kernel.kernel_attention` (FAVOR+ & co).
+
+    Same constructor arguments and weights as `tl.SelfAttention`, plus Model Garden's `KernelAttention` options:
+    `feature_transform` ("exp" = FAVOR+, "expplus", "expmod", "relu", "elu", "square", "identity"/None),
+    `num_random_features`, `seed` (the fixed projection's key `PRNGKey(seed)`, shared by all heads, as there),
+    `redraw` (mode 'train': a new projection each call, drawn from the per-example, per-head rng Trax passes;
+    'eval' keeps the fixed one), `is_short_seq`, `begin_kernel`, `scale`, `scale_by_length`,
+    `use_causal_windowed` with `causal_chunk_length`, `causal_window_length`, `causal_window_decay`,
+    `causal_padding` (these need `causal=True`). `chunk_len`, if given, is lab 04's chunk size for the plain
+    causal form (the result does not depend on it). With `feature_transform=None, num_random_features=0,
+    is_short_seq=True` (or `begin_kernel >= length`) the layer computes exactly `tl.SelfAttention`.
+
+    Not supported (rejected in the constructor): `share_qk`, `n_chunks_before/after`, `mode='predict'`.
+    `attention_dropout` is accepted but has no effect (no attention matrix to drop entries from in the
+    linear forms); `output_dropout` works as in Trax.
+    """
+
+    def __init__(self, *args, feature_transform="exp", num_random_features: int = 256, seed: int = 0,
+                 redraw: bool = False, is_short_seq: bool = False, begin_kernel: int = 0, scale=None,
+                 scale_by_length: bool = False, use_causal_windowed: bool = False, causal_chunk_length: int = 1,
+                 causal_window_length: int = 3, causal_window_decay=None, causal_padding=None, **kwargs):
+        if kwargs.get("mode") == "predict":
+            raise ValueError("KernelSelfAttention does not implement mode='predict'")
+        super().__init__(*args, **kwargs)
+        if self._share_qk:
+            raise ValueError("KernelSelfAttention does not support share_qk=True")
+        if self._n_chunks_before or self._n_chunks_after:
+            raise ValueError("KernelSelfAttention attends to all (causal) keys: n_chunks_before and n_chunks_after "
+                             f"must be 0, got {self._n_chunks_before}, {self._n_chunks_after}")
+        if use_causal_windowed and not self._causal:
+            raise ValueError("use_causal_windowed=True needs causal=True")
+        if redraw and num_random_features <= 0:
+            raise ValueError("there is nothing to redraw when num_random_features <= 0")
+        self._kernel_options = dict(
+            feature_transform=feature_transform, num_random_features=num_random_features,
+            prng_key=jax.random.PRNGKey(seed), redraw=redraw, is_short_seq=is_short_seq, begin_kernel=begin_kernel,
+            scale=scale, scale_by_length=scale_by_length,
+            causal_chunk_length=causal_chunk_length if use_causal_windowed else self._chunk_len,
+            causal_window_length=causal_window_length if use_causal_windowed else None,
+            causal_window_decay=causal_window_decay, causal_padding=causal_padding)
+
+    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        del update_state
+        attend_rng, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
+        q, k, v, w_o = project_qkv(x, weights, share_qk=False, bias=self._bias)
+        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, S]
+        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
+        o = kernel_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, is_causal=self._causal,
+                             training=self._mode == "train", rng=attend_rng, **self._kernel_options)[:, 0]
+        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
+        return out, state
+
+
+# ---------------------------------------------------------------- lab 06: Linformer
+
+from labkit.attention.linformer import (  # noqa: E402 - appended section, lab 06
+    CHECKPOINT_LEVELS, linformer_self_attention, projection_shape)
+
+
+class LinformerSelfAttention(tl.SelfAttention):
+    """`tl.SelfAttention` whose attention is Linformer's: keys and values projected along the sequence.
+
+    Same constructor arguments as `tl.SelfAttention`, plus `max_len` (n: longest input, shorter ones are
+    padded with hidden positions), `proj_k` (k), `sharing` ("none": E, F per head; "headwise": one E and
+    one F for all heads; "kv": a single E = F for all heads) and `checkpoint` ("C0" none, "C1" recompute the
+    whole attention in the backward pass, "C2" also one head at a time; same outputs and gradients).
+
+    Weights: Trax's `(w_q, w_k, w_v, w_o[, b_q, b_k, b_v])` stacked over heads, then `e_proj` (and `f_proj`
+    unless `sharing="kv"`), so `layer.weights = trax_layer.weights + layer.weights[-n_proj:]` transfers the
+    q/k/v/o part. With `proj_k = max_len = T` and identity E, F it equals `tl.SelfAttention`.
+
+    Differences from the other labkit layers, all deliberate: it overrides `forward` rather than
+    `forward_unbatched` (a projection shared by heads does not fit Trax's per-head weight slicing, and the
+    checkpoint levels need to see all heads) and differentiates it with JAX (`has_backward` is False);
+    `n_parallel_heads` and `use_reference_code` therefore change nothing. Linformer has no causal form and no
+    fast decoding: `causal=True`, `share_qk`, `chunk_len` and `mode='predict'` are rejected. One projection
+    shared by all layers (the paper's layerwise sharing) lives in the pure-JAX helpers
+    (`labkit.attention.linformer.init_projections`), not in this layer; a shrinking k is one `proj_k` per layer.
+    """
+
+    def __init__(self, *args, max_len: int = 512, proj_k: int = 64, sharing: str = "none",
+                 checkpoint: str = "C0", **kwargs):
+        if kwargs.get("mode") == "predict":
+            raise ValueError("LinformerSelfAttention has no fast decoding (mode='predict')")
+        super().__init__(*args, **kwargs)
+        if self._causal or self._share_qk or self._chunk_len:
+            raise ValueError("LinformerSelfAttention supports neither causal=True, share_qk=True nor chunk_len: "
+                             f"got causal={self._causal}, share_qk={self._share_qk}, chunk_len={self._chunk_len}")
+        if sharing == "layerwise":
+            raise ValueError("sharing='layerwise' spans several layers: use "
+                             "labkit.attention.linformer.init_projections / linformer_self_attention")
+        self._proj_shape = projection_shape(sharing, n_heads=self._n_heads, proj_k=proj_k, max_len=max_len)
+        if checkpoint not in CHECKPOINT_LEVELS:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_LEVELS}, got {checkpoint!r}")
+        self._max_len, self._proj_k, self._sharing, self._checkpoint = max_len, proj_k, sharing, checkpoint
+
+    @property
+    def n_projections(self) -> int:
+        """How many projection matrices follow the q/k/v/o weights (1 when E = F)."""
+        return 1 if self._sharing == "kv" else 2
+
+    def init_weights_and_state(self, input_signature):
+        """Trax's q/k/v/o weights and state, then E (and F), normal with std 1/sqrt(k)."""
+        super().init_weights_and_state(input_signature)
+        rngs = jax.random.split(jax.random.fold_in(self.rng, 6), self.n_projections)
+        proj = tuple(jax.random.normal(r, self._proj_shape) / self._proj_k ** 0.5 for r in rngs)
+        self.weights = tuple(self.weights) + proj
+
+    @property
+    def has_backward(self):
+        return False
+
+    def forward(self, inputs):
+        """`x [B, T, d_model]` (and `mask [B, T]` when `masked`) -> `[B, T, d_model]`; T <= max_len."""
+        x, mask = (inputs[0], inputs[1]) if self._masked else (inputs, None)
+        x = jnp.asarray(x)
+        n = self.n_projections
+        qkvo, proj = self.weights[:-n], self.weights[-n:]
+        attend_rng, output_rng = jax.random.split(self.rng)
+        out = linformer_self_attention(
+            x, qkvo, proj[0], proj[1] if n == 2 else None, mask=mask, bias=self._bias,
+            checkpoint=self._checkpoint, dropout_rate=self._attention_dropout, dropout_rng=attend_rng)
+        # Trax uses one output-dropout mask for every head and example, so dropping the sum is the same.
+        return apply_broadcasted_dropout(out, self._output_dropout, output_rng).astype(x.dtype)
