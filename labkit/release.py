@@ -10,11 +10,19 @@ Every master `notebooks/NN_slug.ipynb` becomes `notebooks/student/NN_slug.ipynb`
 
 The output is deterministic (same master -> byte-identical file), so `--check` can compare the would-be
 content with the file on disk and fail when a student notebook is missing or out of date.
+
+`--nbgrader COURSE_DIR` also writes nbgrader *source* notebooks, `COURSE_DIR/source/labNN/NN_slug.ipynb`,
+for instructors who grade with nbgrader: the master with outputs cleared and `remove-student` cells
+dropped, its solution regions kept (nbgrader strips the same markers itself), and nbgrader cell metadata:
+cells with solution markers are autograded-answer cells (`solution`), each `labkit.check("labNN.x", f)`
+cell becomes a locked autograder-test cell (`grade`, `locked`, the exercise's points) that displays the
+report and ends with the report's score, which nbgrader takes as partial credit.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import re
 import sys
@@ -28,6 +36,7 @@ END_MARKER = "### END SOLUTION"
 STUB_LINES = ("# YOUR CODE HERE", "raise NotImplementedError()")
 REMOVE_TAG = "remove-student"
 MASTER_NAME = re.compile(r"^\d{2}_[\w-]+\.ipynb$")
+NBGRADER_SCHEMA = 3
 # Cell metadata that records a run of the solved master (nbclient timings, output view state).
 RUN_METADATA_KEYS = ("execution", "collapsed", "scrolled")
 
@@ -146,6 +155,111 @@ def release(masters_dir: str | Path, out_dir: str | Path, *, check: bool = False
     return changed
 
 
+def check_calls_in(source: str) -> list[tuple[str, str]]:
+    """`(exercise id, name)` of each `labkit.check("labNN.x", name, ...)` in a code cell's source."""
+    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
+    try:
+        tree = ast.parse("\n".join(lines))
+    except (SyntaxError, ValueError):
+        return []
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and len(node.args) >= 2:
+            func, (first, second) = node.func, node.args[:2]
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if (name == "check" and isinstance(first, ast.Constant) and isinstance(first.value, str)
+                    and isinstance(second, ast.Name)):
+                calls.append((first.value, second.id))
+    return calls
+
+
+def is_check_cell(source: str) -> bool:
+    """True for a code cell whose statements are all `labkit.check(...)` calls (comments allowed)."""
+    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
+    try:
+        body = ast.parse("\n".join(lines)).body
+    except (SyntaxError, ValueError):
+        return False
+    return bool(body) and all(isinstance(stmt, ast.Expr) and check_calls_in(ast.unparse(stmt)) for stmt in body)
+
+
+def _nbgrader_meta(grade_id: str, *, solution: bool, grade: bool, points: float = 0) -> dict:
+    meta = {"grade": grade, "grade_id": grade_id, "locked": grade, "schema_version": NBGRADER_SCHEMA,
+            "solution": solution, "task": False}
+    if grade:
+        meta["points"] = points
+    return meta
+
+
+def _defined_names(source: str) -> set[str]:
+    try:
+        tree = ast.parse("\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                                    for line in source.splitlines()))
+    except (SyntaxError, ValueError):
+        return set()
+    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def nbgrader_notebook(master: NotebookNode, *, name: str, points: dict[str, float]) -> NotebookNode:
+    """The nbgrader source version of `master`: solutions kept, outputs cleared, nbgrader cell metadata.
+
+    `points` maps exercise ids to points (from `labkit.exercises()`); a check cell of an unknown exercise
+    raises ReleaseError.
+    """
+    student = student_notebook(master, name=name)  # validates markers and ids, drops remove-student cells
+    by_id = {cell.get("id"): cell for cell in master.cells}
+    source = copy.deepcopy(student)
+    checked = {fn: ex for cell in source.cells if cell.cell_type == "code" for ex, fn in check_calls_in(cell.source)}
+    for index, cell in enumerate(source.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.source = by_id[cell.id].source
+        if BEGIN_MARKER in cell.source:
+            exercises = sorted(checked[n] for n in _defined_names(cell.source) if n in checked)
+            grade_id = f"{exercises[0].replace('.', '-')}-solution" if exercises else f"solution-{cell.id}"
+            cell.metadata["nbgrader"] = _nbgrader_meta(grade_id, solution=True, grade=False)
+        elif is_check_cell(cell.source):
+            calls = check_calls_in(cell.source)
+            if len(calls) != 1:
+                raise ReleaseError(f"{name}: cell {index} (id {cell.id}): one labkit.check per test cell, got {len(calls)}")
+            exercise_id, function = calls[0]
+            if exercise_id not in points:
+                raise ReleaseError(f"{name}: cell {index} (id {cell.id}): unknown exercise {exercise_id!r}")
+            kept = [line for line in cell.source.splitlines()
+                    if line.lstrip().startswith("#") and "NBVAL" not in line]  # nbval markers mean nothing there
+            cell.source = "\n".join(kept + [
+                f"_report = labkit.check({exercise_id!r}, {function})",
+                "display(_report)",
+                "_report.score  # nbgrader gives partial credit from this number",
+            ])
+            cell.metadata["nbgrader"] = _nbgrader_meta(exercise_id.replace(".", "-"), solution=False, grade=True,
+                                                       points=points[exercise_id])
+    try:
+        nbformat.validate(source)
+    except nbformat.ValidationError as error:
+        raise ReleaseError(f"{name}: nbgrader notebook is not valid: {error.message}") from None
+    return source
+
+
+def nbgrader_release(masters_dir: str | Path, course_dir: str | Path, *, check: bool = False) -> list[str]:
+    """Write (or with `check`, compare) `course_dir/source/labNN/NN_slug.ipynb` for every master."""
+    from labkit.grading import registry  # only here: it imports jax
+
+    points = {exercise_id: exercise.points for exercise_id, exercise in registry().items()}
+    changed = []
+    for master_path in master_paths(Path(masters_dir)):
+        master = nbformat.read(master_path, as_version=4)
+        text = _render(nbgrader_notebook(master, name=str(master_path), points=points))
+        target = Path(course_dir) / "source" / f"lab{master_path.name[:2]}" / master_path.name
+        if target.is_file() and target.read_text(encoding="utf-8") == text:
+            continue
+        changed.append(str(target))
+        if not check:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8", newline="\n")
+    return changed
+
+
 def _parser() -> argparse.ArgumentParser:
     """Command-line options of `python -m labkit release`."""
     parser = argparse.ArgumentParser(
@@ -156,6 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--masters", default="notebooks", type=Path, help="master notebooks (default: notebooks)")
     parser.add_argument("--out", default="notebooks/student", type=Path,
                         help="student notebooks (default: notebooks/student)")
+    parser.add_argument("--nbgrader", type=Path, metavar="COURSE_DIR",
+                        help="also write nbgrader source notebooks to COURSE_DIR/source/labNN/")
     return parser
 
 
@@ -164,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         changed = release(args.masters, args.out, check=args.check)
+        if args.nbgrader is not None:
+            changed += nbgrader_release(args.masters, args.nbgrader, check=args.check)
     except ReleaseError as error:
         print(f"release: {error}", file=sys.stderr)
         return 2

@@ -75,15 +75,20 @@ class _Grader:
                 return mistake.name, mistake.hint
         return "", ""
 
+    def call(self, case: Case) -> tuple[CallResult, int | None]:
+        """Run the candidate on fresh inputs: `(result, index of an input it changed in place or None)`."""
+        args, kwargs = case.inputs()
+        before = _snapshot((args, kwargs))
+        result = safe_call(lambda: self.exercise.run(self.candidate, args, kwargs), timeout=self.timeout)
+        return result, (_mutated_argument((args, kwargs), before) if result.ok else None)
+
     def grade_case(self, case: Case) -> CaseResult:
         try:
             expected = self.expected(case)
         except Exception as err:  # noqa: BLE001 - a grader bug must still not escape check()
             return CaseResult(case.name, "error", [f"grader error computing the expected value: {err!r}"],
                               "this is a bug in labkit, not in your code: please report it", case.hidden)
-        args, kwargs = case.inputs()
-        before = _snapshot((args, kwargs))
-        result = safe_call(lambda: self.exercise.run(self.candidate, args, kwargs), timeout=self.timeout)
+        result, changed = self.call(case)
         if result.timed_out:
             return CaseResult(case.name, "timeout", [f"stopped after {self.timeout:g} s without returning"]
                               + _printed_note(result), "look for a loop that never ends or work that grows too fast",
@@ -92,7 +97,6 @@ class _Grader:
             res = _error_result(case.name, result, self.exercise)
             res.hidden = case.hidden
             return res
-        changed = _mutated_argument((args, kwargs), before)
         if changed is not None:
             return CaseResult(case.name, "fail", [f"it changed input argument #{changed + 1} in place"],
                               "work on copies (or jnp arrays) instead of writing into the inputs", case.hidden)

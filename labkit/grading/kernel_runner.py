@@ -1,0 +1,345 @@
+"""Run one submitted notebook in a fresh, limited kernel and collect its functions' outputs on given inputs.
+
+`run_submission` starts the learner's kernel with `labkit.grading.sandbox_kernel` (own process group,
+memory limit, writes confined to a scratch directory that is also its working directory and HOME, a
+minimal environment), executes the learner's code cells with nbclient (per-cell time limit, errors
+recorded, not fatal), then for each exercise runs `kernel_side.serve` in that kernel and reads the
+outputs back. If the kernel dies while running a learner cell (`os._exit`, a crash), a fresh kernel runs
+the notebook again without that cell (and without cells that timed out); if it dies while an exercise is being run, that exercise scores
+nothing and the others are run in a fresh kernel. A watchdog kills the kernel when the notebook's own
+time limit is up. Afterwards every process the kernel started is killed and the scratch directory removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import DeadKernelError
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from labkit.grading import kernel_side
+from labkit.grading.safe_call import CallResult
+
+KERNEL_NAME = "labkit-grading"
+MAX_KERNELS = 3  # kernels started per submission: the first run plus two restarts after crashes
+TOKEN_VARIABLE = "LABKIT_GRADING_TOKEN"
+
+
+@dataclasses.dataclass
+class Limits:
+    """Time and memory limits for one submission."""
+
+    notebook_timeout: float = 300.0
+    cell_timeout: float = 120.0
+    case_timeout: float | None = None  # default: each exercise's own limit
+    memory_bytes: int | None = 4 << 30
+    startup_timeout: float = 60.0
+
+
+@dataclasses.dataclass
+class Job:
+    """One exercise to run in the kernel: the learner's name for the candidate and the cases' inputs."""
+
+    exercise_id: str
+    function_name: str
+    inputs: list[tuple[tuple, dict]]
+    timeout: float
+
+
+@dataclasses.dataclass
+class ExerciseRun:
+    """What the kernel reported for one exercise."""
+
+    candidate: dict | None = None  # kernel_side's description of the learner's object
+    calls: list[tuple[CallResult, int | None] | None] = dataclasses.field(default_factory=list)
+    crashed: bool = False  # the kernel died while this exercise ran
+    not_run: str = ""  # why it never ran (kernel crashed earlier, notebook time limit, ...)
+
+
+@dataclasses.dataclass
+class Execution:
+    """The outcome of running one notebook: per-cell problems and per-exercise results."""
+
+    exercises: dict[str, ExerciseRun] = dataclasses.field(default_factory=dict)
+    cell_errors: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (cell index, exception name)
+    timed_out_cells: list[int] = dataclasses.field(default_factory=list)
+    crashed_cells: list[int] = dataclasses.field(default_factory=list)
+    notebook_timed_out: bool = False
+    kernels_started: int = 0
+    confined: bool | None = None  # whether the kernel reported Landlock write confinement
+    seconds: float = 0.0
+
+
+_LOG = logging.getLogger("labkit.grading.kernel")
+_LOG.addHandler(logging.NullHandler())
+_LOG.propagate = False  # nbclient logs each time-out as an error; the gradebook reports them instead
+
+
+class _Client(NotebookClient):
+    """nbclient's client that remembers which cells timed out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timed_out_cells: list[int] = []
+        self.current_index = -1
+
+    async def _async_handle_timeout(self, timeout, cell=None):
+        self.timed_out_cells.append(self.current_index)
+        return await super()._async_handle_timeout(timeout, cell)
+
+
+def minimal_env(scratch: Path, token: str) -> dict[str, str]:
+    """The kernel's whole environment: no instructor variables, HOME and TMPDIR in the scratch directory."""
+    import labkit
+
+    labkit_root = str(Path(labkit.__file__).resolve().parents[1])
+    return {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8", "PYTHONPATH": labkit_root,
+        "PYTHONDONTWRITEBYTECODE": "1", "IPYTHONDIR": str(scratch / ".ipython"),
+        "MPLCONFIGDIR": str(scratch / ".matplotlib"), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+        TOKEN_VARIABLE: token,
+    }
+
+
+def _write_kernelspec(directory: Path, limits: Limits, scratch: Path) -> None:
+    argv = [sys.executable, "-m", "labkit.grading.sandbox_kernel", "--memory", str(limits.memory_bytes or 0),
+            "--writable", str(scratch), "-f", "{connection_file}"]
+    spec_dir = directory / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(
+        {"argv": argv, "display_name": "labkit grading", "language": "python"}), encoding="utf-8")
+
+
+def _processes_with_token(token: str) -> list[int]:
+    """Pids of live processes whose environment carries `token` (children that left the process group)."""
+    needle = f"{TOKEN_VARIABLE}={token}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_everything(pgid: int | None, token: str) -> None:
+    """Kill the kernel's process group and any process still carrying the submission's token."""
+    if pgid and pgid != os.getpgrp():
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    for _ in range(3):
+        pids = _processes_with_token(token)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.1)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove the scratch directory even if the learner made parts of it read-only."""
+    def make_writable_and_retry(function, name, _exc):
+        try:
+            os.chmod(os.path.dirname(name), 0o700)
+            os.chmod(name, 0o700)
+            function(name)
+        except OSError:
+            pass
+    shutil.rmtree(path, onexc=make_writable_and_retry) if sys.version_info >= (3, 12) else \
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def _cell_error(cell: nbformat.NotebookNode) -> str | None:
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "error":
+            return str(output.get("ename", "error"))
+    return None
+
+
+class _Kernel:
+    """One kernel's lifetime: start, run cells, report death, and be killed for good."""
+
+    def __init__(self, spec_dir: Path, scratch: Path, limits: Limits, token: str):
+        self.token = token
+        self.km = AsyncKernelManager(kernel_name=KERNEL_NAME,
+                                     kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir)]))
+        self.km.connection_file = str(spec_dir.parent / f"connection-{uuid.uuid4().hex}.json")
+        self.client = _Client(nbformat.v4.new_notebook(), km=self.km, timeout=int(limits.cell_timeout),
+                              startup_timeout=int(limits.startup_timeout), allow_errors=True,
+                              interrupt_on_timeout=True, record_timing=False, kernel_name=KERNEL_NAME,
+                              error_on_timeout={"ename": "CellTimeout", "evalue": "the cell ran out of time",
+                                                "traceback": []}, log=_LOG)
+        self.scratch, self.env = scratch, minimal_env(scratch, token)
+        self.pgid: int | None = None
+        self.process = None
+        self._context = None
+
+    def start(self) -> None:
+        self._context = self.client.setup_kernel(cwd=str(self.scratch), env=self.env,
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._context.__enter__()
+        self.process = getattr(self.km.provisioner, "process", None)
+        if self.process is not None:
+            try:
+                self.pgid = os.getpgid(self.process.pid)
+            except OSError:
+                self.pgid = None
+
+    def run(self, source: str, index: int, timeout: float) -> nbformat.NotebookNode:
+        """Execute `source` as cell `index` with `timeout` seconds; raises DeadKernelError if the kernel dies."""
+        cell = nbformat.v4.new_code_cell(source)
+        self.client.current_index = index
+        self.client.timeout = max(int(timeout), 1)
+        self.client.nb.cells = [cell]
+        self.client.execute_cell(cell, 0)
+        return cell
+
+    def kill(self) -> None:
+        kill_everything(self.pgid, self.token)
+        if self._context is not None:
+            try:
+                self._context.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001 - the kernel is already dead; only its client is being closed
+                pass
+            self._context = None
+        kill_everything(self.pgid, self.token)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=10)  # reap it: no zombie per submission
+            except Exception:  # noqa: BLE001 - already reaped by jupyter_client, or unkillable
+                pass
+
+
+def _harness_source(job_file: Path) -> str:
+    return f'__import__("labkit.grading.kernel_side", fromlist=["serve"]).serve({str(job_file)!r}, globals())\n'
+
+
+def _prepare_jobs(scratch: Path, jobs: list[Job]) -> list[tuple[Job, Path, Path]]:
+    """Write every case's inputs and a job file per exercise into the scratch directory."""
+    exchange = scratch / ".labkit-grading"
+    prepared = []
+    for number, job in enumerate(jobs):
+        requests, results = exchange / f"{number}-in", exchange / f"{number}-out"
+        requests.mkdir(parents=True)
+        results.mkdir()
+        paths = []
+        for index, inputs in enumerate(job.inputs):
+            path = requests / f"case{index}.pkl"
+            path.write_bytes(pickle.dumps(inputs))
+            paths.append(str(path))
+        job_file = exchange / f"{number}.json"
+        job_file.write_text(json.dumps({"exercise": job.exercise_id, "name": job.function_name, "cases": paths,
+                                        "timeout": job.timeout, "results": str(results)}), encoding="utf-8")
+        prepared.append((job, job_file, results))
+    return prepared
+
+
+def _collect(results: Path, job: Job) -> ExerciseRun:
+    run = ExerciseRun(candidate=kernel_side.read_candidate(results))
+    run.calls = [kernel_side.read_case(results, index) for index in range(len(job.inputs))]
+    return run
+
+
+def run_submission(cells: list[tuple[int, str]], jobs: list[Job], limits: Limits) -> Execution:
+    """Run the learner's code cells (`(cell number, source)` in order), then every job.
+
+    Learner code cannot make this raise; an error of the grading machinery itself (nbclient, zmq) can.
+    """
+    started = time.monotonic()
+    deadline = started + limits.notebook_timeout
+    execution = Execution()
+    token = uuid.uuid4().hex
+    workdir = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
+    scratch = workdir / "scratch"
+    scratch.mkdir()
+    os.chmod(workdir, 0o700)
+    kernels_dir = workdir / "kernels"
+    _write_kernelspec(kernels_dir, limits, scratch)
+    prepared = _prepare_jobs(scratch, jobs)
+    pending = list(prepared)
+    skip: set[int] = set()
+    try:
+        while pending and execution.kernels_started < MAX_KERNELS and not execution.notebook_timed_out:
+            kernel = _Kernel(kernels_dir, scratch, limits, token)
+            timer = threading.Timer(max(deadline - time.monotonic(), 0.1),
+                                    lambda k=kernel: kill_everything(k.pgid, token))
+            timer.daemon = True
+            execution.kernels_started += 1
+            current = ("start", -1)
+            try:
+                timer.start()
+                kernel.start()
+                probe = kernel.run('import os as _o; print(_o.environ.get("LABKIT_GRADING_CONFINED", "0"))', -1, 30)
+                execution.confined = "1" in "".join(o.get("text", "") for o in probe.get("outputs", []))
+                for index, source in cells:
+                    if index in skip:
+                        continue
+                    current = ("cell", index)
+                    cell = kernel.run(source, index, limits.cell_timeout)
+                    error = _cell_error(cell)
+                    if error and index not in kernel.client.timed_out_cells and index not in dict(execution.cell_errors):
+                        execution.cell_errors.append((index, error))
+                for entry in list(pending):
+                    job, job_file, results = entry
+                    current = ("job", job.exercise_id)
+                    budget = len(job.inputs) * job.timeout + limits.cell_timeout
+                    kernel.run(_harness_source(job_file), -1, budget)
+                    execution.exercises[job.exercise_id] = _collect(results, job)
+                    pending.remove(entry)
+            except DeadKernelError:
+                if time.monotonic() >= deadline - 0.5:
+                    execution.notebook_timed_out = True
+                elif current[0] == "cell":
+                    skip.add(current[1])
+                    execution.crashed_cells.append(current[1])
+                elif current[0] == "job":
+                    entry = next(e for e in pending if e[0].exercise_id == current[1])
+                    run = _collect(entry[2], entry[0])
+                    run.crashed = True
+                    execution.exercises[current[1]] = run
+                    pending.remove(entry)
+                else:
+                    break  # the kernel did not even start: retrying would fail the same way
+            except Exception:  # noqa: BLE001 - nbclient/zmq trouble: stop, the caller reports it
+                if time.monotonic() >= deadline - 0.5:
+                    execution.notebook_timed_out = True
+                else:
+                    raise
+            finally:
+                timer.cancel()
+                execution.timed_out_cells = sorted(set(execution.timed_out_cells) | set(kernel.client.timed_out_cells))
+                skip.update(execution.timed_out_cells)  # in a fresh kernel it would only time out again
+                kernel.kill()
+        reason = ("the notebook ran out of time" if execution.notebook_timed_out
+                  else "the kernel kept dying before this exercise ran")
+        for job, _, _ in pending:
+            execution.exercises[job.exercise_id] = ExerciseRun(not_run=reason)
+    finally:
+        kill_everything(None, token)
+        _remove_tree(workdir)
+    execution.seconds = time.monotonic() - started
+    return execution

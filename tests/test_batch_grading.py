@@ -1,0 +1,235 @@
+"""`python -m labkit grade`: isolation, scores computed outside the learner's kernel, bad input, resuming.
+
+The fixture submissions are generated at test time from the lab 01 master (tests/fixtures/make_submissions.py),
+so they follow the lab. One in-process run grades all of them (two kernels at a time); the other tests need
+no kernel, or a small one that does not import Trax.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+import labkit
+from labkit.grading import batch, kernel_side, registry
+from labkit.grading.exercise import Exercise
+from labkit.grading.gradebook import Gradebook, atomic_write_text
+from labkit.grading.kernel_runner import TOKEN_VARIABLE, ExerciseRun, Job, Limits, run_submission
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LAB01 = [e for e in registry().values() if e.lab == "lab01"]
+MAX_TOTAL = sum(e.points for e in LAB01)
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_submissions", FIXTURES / "make_submissions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_submissions = _load_generator()
+
+
+def read_gradebook(path: Path) -> dict[str, dict[str, str]]:
+    """Gradebook rows by file name."""
+    with open(path, newline="", encoding="utf-8") as stream:
+        return {Path(row["file"]).name: row for row in csv.DictReader(stream)}
+
+
+def grading_processes() -> list[int]:
+    """Live processes started for any submission (their environment carries a grading token)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if any(v.startswith(TOKEN_VARIABLE.encode()) for v in (entry / "environ").read_bytes().split(b"\0")):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+# ------------------------------------------------------------------ reading submissions (no kernel)
+
+def test_bad_files_are_classified_without_a_kernel():
+    fixtures = make_submissions.submissions()
+    for name in ("not_json.ipynb", "not_a_notebook.ipynb", "invalid_nbformat.ipynb"):
+        with pytest.raises(batch.InvalidNotebook):
+            batch.load_notebook(fixtures[name])
+    assert batch.cells_to_run(batch.load_notebook(fixtures["empty.ipynb"])) == []
+
+
+def test_functions_are_found_from_the_check_cells_and_check_cells_are_not_run():
+    student = make_submissions.student()
+    assert batch.check_calls(student) == {
+        "lab01.attention": "attention", "lab01.causal_mask": "causal_mask",
+        "lab01.self_attention_layer": "MySelfAttention", "lab01.local_attention": "local_attention",
+        "lab01.score_memory": "score_matrix_bytes"}
+    run = [source for _, source in batch.cells_to_run(student)]
+    assert run and not any("labkit.check(" in source for source in run)
+    assert batch.is_check_cell('# NBVAL_CHECK_OUTPUT\nlabkit.check("lab01.attention", attention)')
+    assert not batch.is_check_cell('labkit.check("lab01.attention", attention)\nx = 1')
+
+
+def test_learner_id_from_metadata_folder_or_file_name():
+    nb = nbformat.v4.new_notebook()
+    assert batch.learner_id(Path("subs/bob.ipynb"), nb, "01_dot") == "bob"
+    assert batch.learner_id(Path("subs/carol/01_dot.ipynb"), nb, "01_dot") == "carol"
+    nb.metadata["labkit"] = {"learner": "ada"}
+    assert batch.learner_id(Path("subs/bob.ipynb"), nb, "01_dot") == "ada"
+
+
+def test_memory_sizes():
+    assert batch.parse_memory("4G") == 4 << 30 and batch.parse_memory("512M") == 512 << 20
+    assert batch.parse_memory("none") is None
+
+
+# ------------------------------------------------------------------ the exchange with the kernel, in-process
+
+def _serve_here(tmp_path: Path, exercise: Exercise, candidate, name: str = "candidate") -> ExerciseRun:
+    """What `run_submission` does around the kernel, with `kernel_side.serve` run in this process."""
+    from labkit.grading.kernel_runner import _collect, _prepare_jobs
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(parents=True)
+    job = Job(exercise.id, name, [c.inputs() for c in exercise.cases], exercise.timeout)
+    (_, job_file, results), = _prepare_jobs(scratch, [job])
+    kernel_side.serve(str(job_file), {name: candidate})
+    return _collect(results, job)
+
+
+@pytest.mark.parametrize("which", ["reference", "mistake", "stub", "wrong type"])
+def test_remote_reports_equal_the_ones_check_gives(tmp_path, which):
+    exercise = registry()["lab01.attention"]
+    candidate = {"reference": exercise.reference, "mistake": exercise.mistakes[0].candidate,
+                 "stub": exercise.stub, "wrong type": lambda q, k, v, mask=None: "not an array"}[which]
+    run = _serve_here(tmp_path, exercise, candidate)
+    remote = batch.exercise_report(exercise, "candidate", run, exercise.timeout)
+    local = labkit.check(exercise.id, candidate, include_hidden=True)
+    assert remote.text() == local.text()
+
+
+def test_in_place_changes_and_errors_inside_layers_come_back(tmp_path):
+    def scribbles(q, k, v, mask=None):
+        q[...] = 0
+        return q
+
+    attention = registry()["lab01.attention"]
+    report = batch.exercise_report(attention, "f", _serve_here(tmp_path, attention, scribbles), 60)
+    assert "changed input argument #1 in place" in report.text()
+
+    from labkit.grading.check import _error_result
+    from labkit.grading.safe_call import CallResult
+
+    record = {"type": "ValueError", "builtin": True, "message": "shapes differ", "layer": True}
+    text = _error_result("case", CallResult(error=kernel_side._rebuild_error(record)), attention).lines[0]
+    assert text == "raised ValueError: shapes differ (inside the Trax layer)"
+
+
+def test_kernel_answers_are_never_unpickled(tmp_path):
+    """A malicious kernel can only make its own answer unreadable, not run code in the grader."""
+    import pickle
+
+    (tmp_path / "case0.json").write_text(json.dumps({"value": {"kind": "array", "file": 0}}))
+    np.save(tmp_path / "case0_0.npy", np.array([object()], dtype=object), allow_pickle=True)
+    result, _ = kernel_side.read_case(tmp_path, 0)
+    assert isinstance(result.error, kernel_side.RemoteError)
+    (tmp_path / "case1.json").write_bytes(pickle.dumps(os.system))
+    result, _ = kernel_side.read_case(tmp_path, 1)
+    assert "could not be read" in str(result.error)
+
+
+def test_hidden_cases_are_summarised_in_feedback():
+    exercise = registry()["lab01.causal_mask"]
+    secret = dataclasses.replace(exercise.cases[0], name="n = 47, the secret case", hidden=True)
+    report = labkit.check(exercise.id, exercise.mistakes[0].candidate, include_hidden=False)
+    report.cases.append(labkit.grading.CaseResult(secret.name, "fail", ["expected row 3: [1 1 0]"], "a hint", True))
+    shown = batch.feedback_report(report)._repr_html_()
+    assert "secret" not in shown and "expected row 3" not in shown
+    assert "hidden case 1" in shown and "Hidden cases (inputs not shown): 0/1 passed." in shown
+
+
+# ------------------------------------------------------------------ gradebook
+
+def test_gradebook_is_replaced_atomically_and_keeps_other_rows(tmp_path, monkeypatch):
+    path = tmp_path / "gradebook.csv"
+    book = Gradebook(path, ["lab01.a"])
+    book.set("x.ipynb", {"file": "x.ipynb", "learner": "x", "lab01.a": "1", "sha256": "abc", "status": "ok"})
+    book.save()
+    before = path.read_text()
+
+    def broken_replace(src, dst):
+        raise KeyboardInterrupt  # interrupted between writing the temporary file and renaming it
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    book.set("y.ipynb", {"file": "y.ipynb", "learner": "y", "lab01.a": "0", "sha256": "def", "status": "ok"})
+    with pytest.raises(KeyboardInterrupt):
+        book.save()
+    monkeypatch.undo()
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["gradebook.csv"]
+
+    again = Gradebook(path, ["lab01.a"])
+    assert again.is_current("x.ipynb", "abc") and not again.is_current("x.ipynb", "changed")
+    assert not Gradebook(path, ["lab01.a", "lab01.b"]).is_current("x.ipynb", "abc"), "new exercise: regrade"
+    atomic_write_text(tmp_path / "f.html", "<p>hi</p>")
+    assert (tmp_path / "f.html").read_text() == "<p>hi</p>"
+
+
+# ------------------------------------------------------------------ a small kernel (no Trax): time-outs and crashes
+
+def test_cells_that_hang_or_kill_the_kernel_cost_only_themselves():
+    score = registry()["lab01.score_memory"]
+    cells = [
+        (0, "import os, time\nimport numpy as np"),
+        (1, "def score_matrix_bytes(batch, heads, seq_len, bytes_per_value=4):\n"
+            "    return batch * heads * seq_len * seq_len * bytes_per_value"),
+        (2, "time.sleep(600)"),
+        (3, "os._exit(1)"),
+        (4, "def causal_mask(n):\n    return np.tril(np.ones((n, n), bool))"),
+    ]
+    jobs = [Job(score.id, "score_matrix_bytes", [c.inputs() for c in score.cases], 10),
+            Job("lab01.causal_mask", "causal_mask", [c.inputs() for c in registry()["lab01.causal_mask"].cases], 10)]
+    execution = run_submission(cells, jobs, Limits(cell_timeout=6, notebook_timeout=400))
+    assert execution.timed_out_cells == [2] and execution.crashed_cells == [3]
+    assert execution.kernels_started == 2
+    for exercise_id, name in (("lab01.score_memory", "f"), ("lab01.causal_mask", "g")):
+        exercise = registry()[exercise_id]
+        assert batch.exercise_report(exercise, name, execution.exercises[exercise_id], 10).passed
+    assert grading_processes() == []
+
+
+# ------------------------------------------------------------------ the command line and the shipped fixtures
+
+def test_python_m_labkit_grade(tmp_path):
+    subs = make_submissions.submissions()
+    for name in ("not_json.ipynb", "empty.ipynb"):
+        (tmp_path / name).write_bytes(subs[name])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "labkit", "grade", str(tmp_path), "--lab", "01", "--out",
+                             str(tmp_path / "book.csv"), "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "graded 2 submission(s)" in result.stdout
+    rows = read_gradebook(tmp_path / "book.csv")
+    assert rows["not_json.ipynb"]["status"] == "invalid notebook"
+    assert rows["empty.ipynb"]["status"] == "missing function"
+
+
+def test_shipped_fixture_submissions_are_up_to_date():
+    shipped = FIXTURES / "submissions"
+    expected = make_submissions.submissions()
+    assert sorted(p.name for p in shipped.glob("*.ipynb")) == sorted(expected)
+    for name, data in expected.items():
+        assert (shipped / name).read_bytes() == data, f"run: python {FIXTURES / 'make_submissions.py'}"
