@@ -12,10 +12,7 @@ from labkit.attention.dense import causal_mask as dense_causal_mask
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.local import local_attention as labkit_local_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, register
-
-
-def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
 # ---------------------------------------------------------------- 1. attention for one head
@@ -149,12 +146,6 @@ def run_layer(layer_cls, args, kwargs):
     layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
     out, _ = layer.pure_fn(x, ref.weights, ref.state, jax.random.PRNGKey(seed + 1))
     return out
-
-
-def _layer_case(name, seed, batch, seq, d_model, **layer_kwargs):
-    def inputs():
-        return (jnp.asarray(_normal(seed, batch, seq, d_model)), seed), layer_kwargs
-    return Case(name, inputs, atol=1e-5, rtol=1e-4)
 
 
 def _trax_self_attention():

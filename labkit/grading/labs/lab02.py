@@ -12,10 +12,7 @@ from labkit.attention.local import length_normalized, look_adjacent
 from labkit.attention.lsh import (chunked_lsh_attention, combine_hash_rounds, hash_vectors, lsh_attention_head,
                                   lsh_buckets, sort_by_bucket, unsort)
 from labkit.grading.exercise import Case, Exercise, Mistake, register
-
-
-def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
 # ---------------------------------------------------------------- 1. hashing
@@ -336,12 +333,6 @@ def _layer_mistake(*, keep_old_state=False, **head_kwargs):
         return Wrong(**kwargs)
 
     return build
-
-
-def _layer_case(name, seed, batch, seq, d_model, **layer_kwargs):
-    def inputs():
-        return (jnp.asarray(_normal(seed, batch, seq, d_model)), seed), layer_kwargs
-    return Case(name, inputs, atol=1e-5, rtol=1e-4)
 
 
 register(Exercise(

@@ -12,10 +12,7 @@ from labkit.attention.chunked import memory_efficient_attention
 from labkit.attention.dense import dot_product_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, register
 from labkit.grading.labs.lab01 import run_layer
-
-
-def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
 def _chunks(n: int, size: int, drop_remainder: bool = False) -> list[slice]:
@@ -258,12 +255,6 @@ def _layer_mistake(**options):
         return Wrong(**kwargs)
 
     return build
-
-
-def _layer_case(name, seed, batch, seq, d_model, **layer_kwargs):
-    def inputs():
-        return (jnp.asarray(_normal(seed, batch, seq, d_model)), seed), layer_kwargs
-    return Case(name, inputs, atol=1e-5, rtol=1e-4)
 
 
 register(Exercise(

@@ -13,12 +13,9 @@ import numpy as np
 
 from labkit.attention import kernel as ka
 from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.inputs import normal as _normal
 
 EPS = 1e-6
-
-
-def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
 
 
 def _projection(seed: int, m: int, d: int) -> np.ndarray:

@@ -10,10 +10,7 @@ import numpy as np
 
 from labkit.attention.linformer import linformer_attention, num_projection_params
 from labkit.grading.exercise import Case, Exercise, Mistake, register
-
-
-def _normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+from labkit.grading.inputs import normal as _normal
 
 
 # ---------------------------------------------------------------- 1. projected attention for one head
