@@ -9,6 +9,7 @@ import pytest
 
 from labkit.attention import leap
 from labkit.attention.positional import alibi_slopes, rotary
+from recall_lm import VOCAB, train_recall_lm
 
 
 def leap_loop(q, f, k, v, *, window=None, mask=None, scale=None, rescale=None, alibi=None):
@@ -304,44 +305,10 @@ def test_layer_rejects_what_it_cannot_do():
 
 def test_layer_trains_inside_a_small_language_model():
     """Two LEAP blocks (with rotary) learn to continue a random period-4 pattern: loss falls."""
-    from trax import layers as tl
-    from trax import shapes
-
     from labkit.layers import LEAPSelfAttention
 
-    vocab, seq, batch = 16, 16, 16
-    attn = lambda: LEAPSelfAttention(n_heads=2, d_qk=16, d_v=16, causal=True, rotary=True)
-    model = tl.Serial(
-        tl.ShiftRight(mode="train"), tl.Embedding(vocab, 32),
-        tl.Residual(tl.LayerNorm(), attn()),
-        tl.Residual(tl.LayerNorm(), tl.Dense(64), tl.Relu(), tl.Dense(32)),
-        tl.Residual(tl.LayerNorm(), attn()),
-        tl.LayerNorm(), tl.Dense(vocab))
-
-    def data(step):
-        pattern = np.random.default_rng(step).integers(0, vocab, (batch, 4))
-        return np.tile(pattern, (1, seq // 4))
-
-    model.init(shapes.signature(data(0)), rng=jax.random.PRNGKey(0))
-    state = model.state
-
-    def loss(weights, tokens):
-        logits, _ = model.pure_fn(tokens, weights, state, jax.random.PRNGKey(0))
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1)[:, 4:])  # after one period
-
-    @jax.jit
-    def step(weights, momentum, tokens):
-        value, grads = jax.value_and_grad(loss)(weights, tokens)
-        momentum = jax.tree_util.tree_map(lambda m, g: 0.9 * m + g, momentum, grads)
-        return jax.tree_util.tree_map(lambda w, m: w - 0.05 * m, weights, momentum), momentum, value
-
-    weights = model.weights
-    momentum = jax.tree_util.tree_map(jnp.zeros_like, weights)
-    losses = []
-    for i in range(40):
-        weights, momentum, value = step(weights, momentum, jnp.asarray(data(i)))
-        losses.append(float(value))
+    make = lambda: LEAPSelfAttention(n_heads=2, d_qk=16, d_v=16, causal=True, rotary=True)
+    losses = train_recall_lm(make, seq=16, steps=40)
     assert np.isfinite(losses).all()
     # 40 steps: from ~3.1 to ~2.2, below log(16) = 2.77 (uniform guessing), so it recalls the pattern somewhat.
-    assert np.mean(losses[-5:]) < min(0.8 * np.mean(losses[:3]), np.log(vocab)), losses
+    assert np.mean(losses[-5:]) < min(0.8 * np.mean(losses[:3]), np.log(VOCAB)), losses

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from labkit.attention import linear as la
+from recall_lm import train_recall_lm
 
 
 def _elu1(x):
@@ -304,43 +305,9 @@ def test_layer_rejects_what_it_cannot_do():
 
 def test_layer_trains_inside_a_small_language_model():
     """Two LinearSelfAttention blocks learn to continue a random period-4 pattern: loss falls."""
-    from trax import layers as tl
-    from trax import shapes
-
     from labkit.layers import LinearSelfAttention
 
-    vocab, seq, batch = 16, 32, 16
-    attn = lambda: LinearSelfAttention(n_heads=2, d_qk=16, d_v=16, causal=True, chunk_len=8)
-    model = tl.Serial(
-        tl.ShiftRight(mode="train"), tl.Embedding(vocab, 32),
-        tl.Residual(tl.LayerNorm(), attn()),
-        tl.Residual(tl.LayerNorm(), tl.Dense(64), tl.Relu(), tl.Dense(32)),
-        tl.Residual(tl.LayerNorm(), attn()),
-        tl.LayerNorm(), tl.Dense(vocab))
-
-    def data(step):
-        pattern = np.random.default_rng(step).integers(0, vocab, (batch, 4))
-        return np.tile(pattern, (1, seq // 4))
-
-    model.init(shapes.signature(data(0)), rng=jax.random.PRNGKey(0))
-    state = model.state
-
-    def loss(weights, tokens):
-        logits, _ = model.pure_fn(tokens, weights, state, jax.random.PRNGKey(0))
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1)[:, 4:])  # after one period
-
-    @jax.jit
-    def step(weights, momentum, tokens):
-        value, grads = jax.value_and_grad(loss)(weights, tokens)
-        momentum = jax.tree_util.tree_map(lambda m, g: 0.9 * m + g, momentum, grads)
-        return jax.tree_util.tree_map(lambda w, m: w - 0.05 * m, weights, momentum), momentum, value
-
-    weights = model.weights
-    momentum = jax.tree_util.tree_map(jnp.zeros_like, weights)
-    losses = []
-    for i in range(60):
-        weights, momentum, value = step(weights, momentum, jnp.asarray(data(i)))
-        losses.append(float(value))
+    make = lambda: LinearSelfAttention(n_heads=2, d_qk=16, d_v=16, causal=True, chunk_len=8)
+    losses = train_recall_lm(make, seq=32, steps=60)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
