@@ -154,7 +154,7 @@ def _trax_self_attention():
     return tl.SelfAttention
 
 
-class _LazyReference:
+class LazySelfAttention:
     """Stands for `tl.SelfAttention` without importing Trax until a case runs."""
 
     def __call__(self, **kwargs):
@@ -184,7 +184,7 @@ register(Exercise(
     id="lab01.self_attention_layer",
     description="subclass tl.SelfAttention and override forward_unbatched; match Trax with the same weights",
     points=3,
-    reference=_LazyReference(),
+    reference=LazySelfAttention(),
     run=run_layer,
     expects_class=True,
     cases=[

@@ -11,7 +11,7 @@ import numpy as np
 from labkit.attention.chunked import memory_efficient_attention
 from labkit.attention.dense import dot_product_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, register
-from labkit.grading.labs.lab01 import run_layer
+from labkit.grading.labs.lab01 import LazySelfAttention, run_layer
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -231,15 +231,6 @@ register(Exercise(
 
 # ---------------------------------------------------------------- 4. the Trax layer
 
-class _LazySelfAttention:
-    """Stands for `tl.SelfAttention` without importing Trax until a case runs."""
-
-    def __call__(self, **kwargs):
-        from trax import layers as tl
-
-        return tl.SelfAttention(**kwargs)
-
-
 def _layer_mistake(**options):
     """A SelfAttention subclass built on the chunked loops above, with one mistake (built on first use)."""
 
@@ -261,7 +252,7 @@ register(Exercise(
     id="lab03.memory_efficient_layer",
     description="a tl.SelfAttention subclass whose forward_unbatched uses chunked attention; matches Trax",
     points=3,
-    reference=_LazySelfAttention(),
+    reference=LazySelfAttention(),
     run=run_layer,
     expects_class=True,
     cases=[
