@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -21,10 +22,11 @@ import numpy as np
 import pytest
 
 import labkit
-from labkit.grading import batch, kernel_side, registry
+from labkit.grading import Case, batch, kernel_side, registry
 from labkit.grading.exercise import Exercise
 from labkit.grading.gradebook import Gradebook, atomic_write_text
 from labkit.grading.kernel_runner import TOKEN_VARIABLE, ExerciseRun, Job, Limits, run_submission
+from labkit.grading.sandbox_kernel import landlock_abi
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -208,6 +210,92 @@ def test_cells_that_hang_or_kill_the_kernel_cost_only_themselves():
         exercise = registry()[exercise_id]
         assert batch.exercise_report(exercise, name, execution.exercises[exercise_id], 10).passed
     assert grading_processes() == []
+
+
+# ------------------------------------------------------------------ the full run on every fixture
+
+# Thirteen notebooks, ten of which import Trax in a fresh kernel: ~3 minutes on an idle 2-core machine,
+# far longer when the machine is shared, hence a longer limit than the suite's default.
+FULL_RUN = pytest.mark.timeout(3600)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Grade every fixture submission once (jobs 2), with a hidden case added to lab01.causal_mask."""
+    root = tmp_path_factory.mktemp("grading")
+    target = root / "out"  # the gradebook's folder, which hostile notebooks attack
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    paths = make_submissions.write(root / "submissions", str(target))
+    exercise = registry()["lab01.causal_mask"]
+    hidden = Case("n = 47, the secret case", functools.partial(lambda n: ((n,), {}), 47), hidden=True)
+    original = exercise.cases
+    exercise.cases = original + [hidden]
+    argv = [*map(str, paths), "--lab", "01", "--out", str(target / "gradebook.csv"),
+            "--feedback", str(root / "feedback"), "--jobs", "2", "--cell-timeout", "300", "--timeout", "900",
+            "--quiet"]  # generous limits: a shared machine can take minutes to import Trax
+    try:
+        code = batch.main(argv)
+    finally:
+        exercise.cases = original
+    return {"root": root, "target": target, "paths": paths, "argv": argv, "code": code,
+            "rows": read_gradebook(target / "gradebook.csv")}
+
+
+@FULL_RUN
+def test_every_submission_gets_its_status_and_zero_only_where_affected(graded):
+    assert graded["code"] == 0
+    rows = graded["rows"]
+    assert sorted(rows) == sorted(make_submissions.EXPECTED)
+    for name, (status, zeros) in make_submissions.EXPECTED.items():
+        row = rows[name]
+        assert row["status"] == status, (name, row["detail"])
+        for exercise in LAB01:
+            points = float(row[exercise.id])
+            if zeros is None or exercise.id in zeros:
+                assert points == 0, (name, exercise.id, row["detail"])
+            else:
+                assert points == exercise.points, (name, exercise.id, row["detail"])
+    assert float(rows["ada.ipynb"]["total"]) == MAX_TOTAL and rows["ada.ipynb"]["learner"] == "ada"
+    assert rows["cheater.ipynb"]["total"] == "0"
+
+
+@FULL_RUN
+def test_hostile_notebooks_cannot_touch_files_outside_scratch_or_leave_processes(graded):
+    target = graded["target"]
+    assert grading_processes() == [], "forked children must be killed"
+    assert (target / "keep.txt").read_text() == "precious"
+    if landlock_abi() > 0:
+        assert not (target / "written-by-a-submission.txt").exists()
+        assert "999" not in (target / "gradebook.csv").read_text()
+
+
+@FULL_RUN
+def test_feedback_pages_show_reports_but_not_hidden_inputs(graded):
+    feedback = graded["root"] / "feedback"
+    ada = (feedback / "ada.html").read_text()
+    assert "lab01.causal_mask: all 5 cases passed" in ada
+    assert "hidden case 1" in ada and "secret" not in ada and "n = 47" not in ada
+    cheater = (feedback / "cheater.html").read_text()
+    assert "All tests passed" not in cheater.split("<table>")[0]
+    assert "lab01.attention: 0/6 cases passed" in cheater
+
+
+@FULL_RUN
+def test_rerun_skips_unchanged_submissions_and_regrades_changed_ones(graded, capsys):
+    argv = graded["argv"]
+    assert batch.main(argv) == 0
+    assert "graded 0 submission(s)" in capsys.readouterr().out
+    assert read_gradebook(graded["target"] / "gradebook.csv") == graded["rows"]
+    changed = next(p for p in graded["paths"] if p.name == "not_json.ipynb")
+    changed.write_bytes(b"still not JSON\n")
+    assert batch.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "graded 1 submission(s)" in out and "12 unchanged" in out
+    rows = read_gradebook(graded["target"] / "gradebook.csv")
+    assert rows["not_json.ipynb"]["sha256"] != graded["rows"]["not_json.ipynb"]["sha256"]
+    assert {k: v for k, v in rows.items() if k != "not_json.ipynb"} == {
+        k: v for k, v in graded["rows"].items() if k != "not_json.ipynb"}
 
 
 # ------------------------------------------------------------------ the command line and the shipped fixtures

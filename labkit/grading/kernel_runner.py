@@ -5,8 +5,10 @@ memory limit, writes confined to a scratch directory that is also its working di
 minimal environment), executes the learner's code cells with nbclient (per-cell time limit, errors
 recorded, not fatal), then for each exercise runs `kernel_side.serve` in that kernel and reads the
 outputs back. If the kernel dies while running a learner cell (`os._exit`, a crash), a fresh kernel runs
-the notebook again without that cell (and without cells that timed out); if it dies while an exercise is being run, that exercise scores
-nothing and the others are run in a fresh kernel. A watchdog kills the kernel when the notebook's own
+the notebook again without that cell (and without cells that timed out). A cell that raises MemoryError
+is skipped the same way: IPython keeps the failed frame (and the memory it holds) alive, so the kernel
+would go on failing. If the kernel dies while an exercise is being run, that exercise scores nothing and
+the others are run in a fresh kernel. A watchdog kills the kernel when the notebook's own
 time limit is up. Afterwards every process the kernel started is killed and the scratch directory removed.
 """
 
@@ -84,6 +86,10 @@ class Execution:
     kernels_started: int = 0
     confined: bool | None = None  # whether the kernel reported Landlock write confinement
     seconds: float = 0.0
+
+
+class _FreshKernel(Exception):
+    """Raised to leave a kernel that cannot be trusted any more (a cell exhausted its memory)."""
 
 
 _LOG = logging.getLogger("labkit.grading.kernel")
@@ -303,6 +309,9 @@ def run_submission(cells: list[tuple[int, str]], jobs: list[Job], limits: Limits
                     error = _cell_error(cell)
                     if error and index not in kernel.client.timed_out_cells and index not in dict(execution.cell_errors):
                         execution.cell_errors.append((index, error))
+                    if error == "MemoryError" and execution.kernels_started < MAX_KERNELS:
+                        skip.add(index)
+                        raise _FreshKernel
                 for entry in list(pending):
                     job, job_file, results = entry
                     current = ("job", job.exercise_id)
@@ -310,6 +319,8 @@ def run_submission(cells: list[tuple[int, str]], jobs: list[Job], limits: Limits
                     kernel.run(_harness_source(job_file), -1, budget)
                     execution.exercises[job.exercise_id] = _collect(results, job)
                     pending.remove(entry)
+            except _FreshKernel:
+                pass
             except DeadKernelError:
                 if time.monotonic() >= deadline - 0.5:
                     execution.notebook_timed_out = True
