@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import labkit
+from labkit.grading import registry
 from labkit.grading.labs.lab01 import attention_reference
 
 EX = "lab01.attention"
@@ -164,7 +165,11 @@ def test_exercises_catalogue():
     ids = [e.id for e in cat]
     assert ids == sorted(ids) and "lab01.attention" in ids
     assert "lab01.attention" in str(cat) and "<table>" in cat._repr_html_()
-    assert all(e.points > 0 and e.n_cases >= 4 for e in cat)
+    assert all(e.points > 0 and e.n_cases >= 4 and e.n_hidden >= 1 for e in cat)
+    exercise = registry()["lab01.attention"]
+    row = next(e for e in cat if e.id == exercise.id)
+    assert row.n_cases == len(labkit.check(exercise.id, exercise.reference).cases)  # what a learner's check runs
+    assert row.n_cases + row.n_hidden == len(exercise.cases)
 
 
 def test_equivalent_correct_formulations_all_pass():

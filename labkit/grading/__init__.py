@@ -2,7 +2,8 @@
 
 from labkit.grading.catalogue import exercises
 from labkit.grading.check import check
-from labkit.grading.exercise import Case, Exercise, Mistake, register, registry
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register, registry
 from labkit.grading.report import CaseResult, Report
 
-__all__ = ["Case", "CaseResult", "Exercise", "Mistake", "Report", "check", "exercises", "register", "registry"]
+__all__ = ["Case", "CaseResult", "Exercise", "Mistake", "Report", "check", "exercises", "hidden", "register",
+           "registry"]

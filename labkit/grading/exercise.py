@@ -29,6 +29,11 @@ class Case:
     hidden: bool = False  # run by instructors' batch grading, not by a learner's `check`
 
 
+def hidden(case: Case) -> Case:
+    """The same case, run only by instructors' batch grading."""
+    return dataclasses.replace(case, hidden=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mistake:
     """A common wrong solution, written out, so the grader can recognise it and give `hint`."""

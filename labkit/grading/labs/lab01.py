@@ -11,7 +11,7 @@ import numpy as np
 from labkit.attention.dense import causal_mask as dense_causal_mask
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.local import local_attention as labkit_local_attention
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -84,6 +84,8 @@ register(Exercise(
         _qkv_case("length 1", 40, 1, 1, 3),
         _qkv_case("a row whose keys are all hidden: seq 5 (expect the mean of the values)", 50, 5, 5, 4,
                   mask=_mask_with_hidden_row),
+        hidden(_qkv_case("7 queries, 5 keys, dim 3, value dim 2, with a mask", 60, 7, 5, 3, 2,
+                         mask=_random_mask(7, 5, 61))),
     ],
     mistakes=[
         Mistake("missing scale", functools.partial(_attention_with, scale=False),
@@ -119,7 +121,8 @@ register(Exercise(
     description="the boolean causal mask: position i may attend to j <= i",
     points=1,
     reference=causal_mask_reference,
-    cases=[Case(f"n = {n}", functools.partial(lambda n: ((n,), {}), n)) for n in (1, 3, 8, 33)],
+    cases=[Case(f"n = {n}", functools.partial(lambda n: ((n,), {}), n)) for n in (1, 3, 8, 33)]
+    + [hidden(Case("n = 17", lambda: ((17,), {})))],
     mistakes=[
         Mistake("float mask", lambda n: jnp.tril(jnp.ones((n, n), jnp.float32)),
                 "return a boolean array (True = may attend), e.g. jnp.tril(jnp.ones((n, n), dtype=bool))"),
@@ -194,6 +197,8 @@ register(Exercise(
         _layer_case("use_reference_code=True, causal, 4 heads, seq 16", 3, 2, 16, 8, n_heads=4, d_qk=4, d_v=4,
                     causal=True, use_reference_code=True),
         _layer_case("mode='eval', seq 1", 4, 2, 1, 8, n_heads=2, d_qk=4, d_v=4, mode="eval"),
+        hidden(_layer_case("causal, 3 heads, d_qk 2, d_v 3, seq 7, d_model 6", 6, 1, 7, 6, n_heads=3, d_qk=2,
+                           d_v=3, causal=True)),
     ],
     mistakes=[
         Mistake("ignores causal", _layer_mistake(ignore_causal=True),
@@ -254,6 +259,7 @@ register(Exercise(
         _local_case("not causal, seq 8, chunks of 2: chunk 0 wraps around to the last chunk", 40, 8, 4, 2,
                     causal=False),
         _local_case("seq 32, chunks of 8, dim 16", 50, 32, 16, 8),
+        hidden(_local_case("seq 15, chunks of 5, causal, two chunks back, dim 3", 60, 15, 3, 5, 2)),
     ],
     mistakes=[
         Mistake("no look-back", functools.partial(_local_with, before=0),
@@ -286,6 +292,7 @@ register(Exercise(
         Case("batch 8, 4 heads, seq 4096", lambda: ((8, 4, 4096), {})),
         Case("batch 2, 8 heads, seq 16384, float16", lambda: ((2, 8, 16384), {"bytes_per_value": 2})),
         Case("batch 1, 1 head, seq 1", lambda: ((1, 1, 1), {})),
+        hidden(Case("batch 3, 6 heads, seq 1000, float64", lambda: ((3, 6, 1000), {"bytes_per_value": 8}))),
     ],
     mistakes=[
         Mistake("length not squared", lambda b, h, n, bytes_per_value=4: b * h * n * bytes_per_value,

@@ -11,7 +11,7 @@ import numpy as np
 from labkit.attention.local import length_normalized, look_adjacent
 from labkit.attention.lsh import (chunked_lsh_attention, combine_hash_rounds, hash_vectors, lsh_attention_head,
                                   lsh_buckets, sort_by_bucket, unsort)
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -55,6 +55,7 @@ register(Exercise(
         _hash_case("length 1: one vector, 8 buckets, 2 rounds", 2, 1, 4, 8, 2),
         _hash_case("64 vectors of dim 32, 16 buckets, 4 rounds", 3, 64, 32, 16, 4),
         _hash_case("large vectors (norm ~1e4), 8 buckets, 2 rounds", 4, 12, 16, 8, 2, scale=3e3),
+        hidden(_hash_case("7 vectors of dim 6, 6 buckets, 3 rounds", 5, 7, 6, 6, 3)),
     ],
     mistakes=[
         Mistake("only xR", functools.partial(_hash_with, negate=False),
@@ -118,6 +119,7 @@ register(Exercise(
         _sort_case("length 1, 3 rounds", 2, 1, 4, 3),
         _sort_case("4 rounds, 16 positions, 8 buckets", 3, 16, 8, 4),
         _sort_case("every position in bucket 0, 2 rounds (order = original order)", 4, 6, 4, 2, constant=True),
+        hidden(_sort_case("3 rounds, 7 positions, 6 buckets", 5, 7, 6, 3)),
     ],
     mistakes=[
         Mistake("no round offsets", functools.partial(_sort_with, offsets=False),
@@ -183,6 +185,8 @@ register(Exercise(
         _chunk_case("one chunk (4 items): the chunk before wraps around to itself", 3, 4, 1, 4, 4, False),
         _chunk_case("chunk_len 1: each item sees itself and the item before, causal", 4, 6, 1, 2, 1, True),
         _chunk_case("32 items, chunks of 8, dim 16, two chunks back, causal", 5, 16, 2, 16, 8, True, before=2),
+        hidden(_chunk_case("3 rounds of 6 = 18 items, chunks of 3, dim 5, two chunks back, causal", 8, 6, 3, 5, 3,
+                           True, before=2)),
     ],
     mistakes=[
         Mistake("no self-mask", functools.partial(_chunk_attention_with, self_mask=False),
@@ -250,6 +254,8 @@ register(Exercise(
         _combine_case("4 rounds, 16 positions", 2, 16, 4, 8),
         _combine_case("length 1, 3 rounds", 3, 1, 3, 2),
         _combine_case("large logsumexps (up to ~1e3), 2 rounds", 4, 8, 2, 4, lse_scale=400.0),
+        hidden(_combine_case("3 rounds, 7 positions, value dim 5, logsumexps up to ~100", 6, 7, 3, 5,
+                             lse_scale=40.0)),
     ],
     mistakes=[
         Mistake("un-sorts with the sorting permutation", functools.partial(_combine_with, perm="order"),
@@ -353,6 +359,8 @@ register(Exercise(
                     n_heads=1, d_qk=4, d_v=4, chunk_len=8, n_buckets=2, n_hashes=2, use_reference_code=True),
         _layer_case("mode='eval', default n_buckets, seq 32, chunks of 8, batch 2", 4, 2, 32, 8, n_heads=2,
                     d_qk=4, d_v=4, chunk_len=8, n_hashes=2, causal=True, mode="eval"),
+        hidden(_layer_case("causal, 3 heads, 3 rounds of seq 12 in chunks of 4, 6 buckets, d_v 6", 6, 2, 12, 8,
+                           n_heads=3, d_qk=4, d_v=6, chunk_len=4, n_buckets=6, n_hashes=3, causal=True)),
     ],
     mistakes=[
         Mistake("no self-mask", _layer_mistake(self_mask=False),

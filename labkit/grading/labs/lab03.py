@@ -10,7 +10,7 @@ import numpy as np
 
 from labkit.attention.chunked import memory_efficient_attention
 from labkit.attention.dense import dot_product_attention
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.labs.lab01 import LazySelfAttention, run_layer
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
@@ -68,6 +68,7 @@ register(Exercise(
         _one_query_case("one key", 20, 1, 3, 4),
         _one_query_case("chunks of 1: the softmax one key at a time", 30, 6, 4, 1),
         _one_query_case("large logits: scores up to ~1e4", 40, 12, 8, 5, logit_scale=40.0),
+        hidden(_one_query_case("13 keys in chunks of 5, dim 3, value dim 2", 50, 13, 3, 5, hv=2)),
     ],
     mistakes=[
         Mistake("old sums not rescaled", functools.partial(_one_query_with, rescale=False),
@@ -144,6 +145,8 @@ register(Exercise(
         _chunked_case("causal, seq 12, chunks 4 x 4", 30, 12, 12, 4, 4, 4, causal=True),
         _chunked_case("causal, seq 10, chunks 4 x 3", 40, 10, 10, 4, 4, 3, causal=True),
         _chunked_case("large logits, seq 16, chunks 8 x 4", 50, 16, 16, 8, 8, 4, logit_scale=30.0),
+        hidden(_chunked_case("causal, seq 11, dim 3, value dim 2, chunks 3 x 5", 60, 11, 11, 3, 3, 5, causal=True,
+                             hv=2)),
     ],
     mistakes=[
         Mistake("old sums not rescaled", functools.partial(_chunked_with, rescale=False),
@@ -213,6 +216,7 @@ register(Exercise(
         Case("seq 12, queries in 2s, keys in 4s", lambda: ((12, 2, 4), {})),
         Case("chunks of 1", lambda: ((5, 1, 1), {})),
         Case("seq 15, chunks 3 x 5", lambda: ((15, 3, 5), {})),
+        hidden(Case("seq 14, queries in 3s, keys in 4s (neither divides)", lambda: ((14, 3, 4), {}))),
     ],
     mistakes=[
         Mistake("chunk indices instead of positions", _block_by_index,
@@ -262,6 +266,8 @@ register(Exercise(
         _layer_case("use_reference_code=True, seq 16", 3, 2, 16, 8, n_heads=2, d_qk=4, d_v=4,
                     use_reference_code=True),
         _layer_case("mode='eval', seq 1", 4, 2, 1, 8, n_heads=2, d_qk=4, d_v=4, mode="eval"),
+        hidden(_layer_case("causal, 3 heads, seq 11, d_qk 2, d_v 5, d_model 6", 6, 1, 11, 6, n_heads=3, d_qk=2,
+                           d_v=5, causal=True)),
     ],
     mistakes=[
         Mistake("ignores causal", _layer_mistake(ignore_causal=True),

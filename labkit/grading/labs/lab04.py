@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from labkit.attention import linear as la
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.inputs import normal as _normal
 
 EPS = 1e-6
@@ -43,6 +43,7 @@ register(Exercise(
         _x_case("a [4, 3] matrix", 1, 4, 3),
         _x_case("large values, up to +-100", 2, 6, 4, scale=50.0),
         _x_case("one number", 3, 1),
+        hidden(_x_case("a [2, 3, 5] array, values up to +-10", 4, 2, 3, 5, scale=3.0)),
     ],
     mistakes=[
         Mistake("elu without +1", lambda x: jax.nn.elu(jnp.asarray(x)),
@@ -101,6 +102,7 @@ register(Exercise(
         _qkv_case("length 1", 20, 1, 3),
         _qkv_case("seq 64, dim 8, values up to +-10", 30, 64, 8, scale=10.0, atol=1e-4),
         _qkv_case("seq 200, dim 16", 40, 200, 16),
+        hidden(_qkv_case("seq 13, dim 5, value dim 7", 50, 13, 5, 7)),
     ],
     mistakes=[
         Mistake("missing normaliser", functools.partial(_linear_with, causal=False, normalise=False),
@@ -131,6 +133,7 @@ register(Exercise(
         _qkv_case("seq 7, dim 3, value dim 5", 10, 7, 3, 5),
         _qkv_case("length 1", 20, 1, 4),
         _qkv_case("seq 100, dim 8", 30, 100, 8),
+        hidden(_qkv_case("seq 17, dim 5, value dim 2", 40, 17, 5, 2)),
     ],
     mistakes=[
         Mistake("exclusive prefix sum", functools.partial(_linear_with, causal=True, exclusive=True),
@@ -189,6 +192,7 @@ register(Exercise(
         _chunk_case("chunks of 1 (the recurrent form)", 30, 6, 3, 1),
         _chunk_case("one chunk longer than the sequence", 40, 5, 4, 16),
         _chunk_case("seq 100, chunks of 16, dim 8", 50, 100, 8, 16),
+        hidden(_chunk_case("seq 23, chunks of 5 (the last chunk is short), dim 3, value dim 4", 60, 23, 3, 5, 4)),
     ],
     mistakes=[
         Mistake("no mask inside the chunk", functools.partial(_chunkwise_with, mask_inside=False),
@@ -246,6 +250,7 @@ register(Exercise(
         _step_case("after 3 tokens, dim 3, value dim 4", 10, 3, 4, 3),
         _step_case("after 50 tokens, dim 8", 20, 8, 8, 50),
         _step_case("after 1000 tokens, dim 4", 30, 4, 6, 1000),
+        hidden(_step_case("after 7 tokens, dim 5, value dim 3", 40, 5, 3, 7)),
     ],
     mistakes=[
         Mistake("read before update", functools.partial(_step_with, read_first=True),

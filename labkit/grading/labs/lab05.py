@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from labkit.attention import kernel as ka
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.inputs import normal as _normal
 
 EPS = 1e-6
@@ -51,6 +51,7 @@ register(Exercise(
         _features_case("one vector", 20, 1, 3, 6),
         _features_case("longer vectors: |x| up to ~3", 30, 8, 8, 16, scale=1.0),
         _features_case("64 features, dim 16", 40, 20, 16, 64),
+        hidden(_features_case("7 vectors, dim 5, 3 features (fewer than the dim)", 50, 7, 5, 3)),
     ],
     mistakes=[
         Mistake("missing -|x|^2/2", functools.partial(_features_with, norm_term=False),
@@ -108,6 +109,7 @@ register(Exercise(
         _favor_case("length 1", 20, 1, 1, 4, 8),
         _favor_case("seq 32, dim 8, 64 features", 30, 32, 32, 8, 64),
         _favor_case("longer vectors: |q|, |k| ~ 2, seq 6", 40, 6, 6, 4, 8, scale=1.0),
+        hidden(_favor_case("5 queries, 9 keys, dim 3, value dim 2, 7 features", 50, 5, 9, 3, 7, 2)),
     ],
     mistakes=[
         Mistake("scale on the queries only", functools.partial(_favor_with, q_power=0.5, k_power=0.0, shift=True),
@@ -170,6 +172,7 @@ register(Exercise(
         _window_case("seq 7, chunks of 3: pad on the right", 30, 7, 4, 3, 2, 0.8),
         _window_case("length 1", 40, 1, 4, 1, 3),
         _window_case("window longer than the sequence", 50, 10, 6, 2, 20),
+        hidden(_window_case("seq 13, chunks of 3, window 3, decay 0.6: pad on the right", 60, 13, 5, 3, 3, 0.6)),
     ],
     mistakes=[
         Mistake("causal inside the chunk", functools.partial(_windowed_with, token_causal=True),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from labkit.attention.linformer import linformer_attention, num_projection_params
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.inputs import normal as _normal
 
 
@@ -55,6 +55,7 @@ register(Exercise(
         _proj_case("n = 16 keys to k = 4, d = 8, value dim 5", 30, 16, 16, 4, 8, 5),
         _proj_case("large logits: scores up to ~1e3", 40, 8, 8, 4, 4, logit_scale=20.0),
         _proj_case("length 1: one query, one key, k = 1", 50, 1, 1, 1, 3),
+        hidden(_proj_case("7 queries, n = 9 keys to k = 3, d = 5, value dim 2", 60, 7, 9, 3, 5, 2)),
     ],
     mistakes=[
         Mistake("projected the feature axis", functools.partial(_projected_with, feature_axis=True),
@@ -113,6 +114,8 @@ register(Exercise(
         _pad_case("S = 6 of n = 8, last two tokens are padding", 20, 6, 6, 8, 4, 4, hidden=(4, 5)),
         _pad_case("padding in the middle: S = 7 of n = 12, k = 5", 30, 7, 7, 12, 5, 8, hidden=(1, 3, 6)),
         _pad_case("length 1 of n = 4", 40, 1, 1, 4, 2, 3),
+        hidden(_pad_case("3 queries, the first of S = 5 keys is padding, n = 7, k = 3", 50, 3, 5, 7, 3, 4,
+                         hidden=(0,))),
     ],
     mistakes=[
         Mistake("padding not hidden before projecting", functools.partial(_padded_with, zero_hidden=False),
@@ -160,6 +163,7 @@ register(Exercise(
         _params_case("kv", 12, 256, 512, 12),
         _params_case("layerwise", 12, 256, 512, 12),
         _params_case("none", 1, 1, 1, 1),
+        hidden(_params_case("headwise", 3, 7, 50, 5)),
     ],
     mistakes=[
         Mistake("forgot F", functools.partial(_params_with, forget_f=True),

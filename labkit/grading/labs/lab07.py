@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from labkit.attention.leap import leap_attention, window_scan
-from labkit.grading.exercise import Case, Exercise, Mistake, register
+from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
 from labkit.grading.inputs import normal as _normal
 
 
@@ -78,6 +78,7 @@ register(Exercise(
         _average_case("large logits: up to ~3e3", 30, 12, 3, scale=1000.0),
         _average_case("very negative logits only: ~-1e3", 40, 6, 2,
                       logits=lambda: -1000.0 - np.abs(_normal(41, 6))),
+        hidden(_average_case("seq 13, dim 5, logits up to ~300", 50, 13, 5, scale=100.0)),
     ],
     mistakes=[
         Mistake("exp without running max", functools.partial(_average_with, stable=False),
@@ -107,6 +108,7 @@ register(Exercise(
         _average_case("large then small logits: seq 16, window 3", 40, 16, 3, window=3,
                       logits=lambda: np.concatenate([np.full(6, 40.0), _normal(42, 10)])),
         _average_case("large logits: up to ~3e3, seq 12, window 5", 50, 12, 2, scale=1000.0, window=5),
+        hidden(_average_case("seq 11, window 3, dim 4, logits up to ~300", 60, 11, 4, scale=100.0, window=3)),
     ],
     mistakes=[
         Mistake("window one too long", functools.partial(_average_with, extra=1),
@@ -163,6 +165,7 @@ register(Exercise(
         _head_case("seq 8, d 4, dv 6, global", 20, 8, 4, 6),
         _head_case("seq 9, d 4, window 3", 30, 9, 4, window=3),
         _head_case("large logits: seq 10, d 8, window 4", 40, 10, 8, window=4, scale=25.0),
+        hidden(_head_case("seq 11, d 3, dv 5, window 2", 50, 11, 3, 5, window=2)),
     ],
     mistakes=[
         Mistake("focus logits not scaled", functools.partial(_leap_head_with, focus_scale=False),
@@ -243,6 +246,7 @@ register(Exercise(
         _step_case("one step", 10, 1, 4),
         _step_case("12 steps, d 4, dv 5", 20, 12, 4, 5),
         _step_case("large logits: 10 steps, logits up to ~2e3", 30, 10, 8, scale=25.0),
+        hidden(_step_case("9 steps, d 3, dv 6", 40, 9, 3, 6, scale=3.0)),
     ],
     mistakes=[
         Mistake("reads before adding the token", functools.partial(_step_with, read_first=True),
