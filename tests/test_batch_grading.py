@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
+import html
 import importlib.util
 import json
 import os
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import labkit
-from labkit.grading import Case, batch, kernel_side, registry
+from labkit.grading import batch, kernel_side, registry
 from labkit.grading.exercise import Exercise
 from labkit.grading.gradebook import Gradebook, atomic_write_text
 from labkit.grading.kernel_runner import TOKEN_VARIABLE, ExerciseRun, Job, Limits, run_submission
@@ -212,32 +212,52 @@ def test_cells_that_hang_or_kill_the_kernel_cost_only_themselves():
     assert grading_processes() == []
 
 
+
+def test_a_cell_that_exhausts_memory_is_skipped_in_a_fresh_kernel():
+    score = registry()["lab01.score_memory"]
+    cells = [
+        (0, "import numpy as np"),
+        (1, "hog = [np.ones(2**28, np.uint8) for _ in range(64)]  # 16 GiB, far over the limit"),
+        (2, "def score_matrix_bytes(batch, heads, seq_len, bytes_per_value=4):\n"
+            "    return batch * heads * seq_len * seq_len * bytes_per_value"),
+    ]
+    jobs = [Job(score.id, "score_matrix_bytes", [c.inputs() for c in score.cases], 10)]
+    execution = run_submission(cells, jobs, Limits(cell_timeout=60, notebook_timeout=300, memory_bytes=3 << 30))
+    assert execution.cell_errors == [(1, "MemoryError")] and execution.crashed_cells == []
+    assert execution.kernels_started == 2
+    assert batch.exercise_report(score, "score_matrix_bytes", execution.exercises[score.id], 10).passed
+    assert grading_processes() == []
+
+
+def test_the_notebook_time_limit_stops_everything():
+    score = registry()["lab01.score_memory"]
+    cells = [(0, "import time"), (1, "time.sleep(4)"), (2, "time.sleep(4)"), (3, "time.sleep(4)")]
+    jobs = [Job(score.id, "score_matrix_bytes", [c.inputs() for c in score.cases], 10)]
+    execution = run_submission(cells, jobs, Limits(cell_timeout=30, notebook_timeout=7))
+    assert execution.notebook_timed_out and execution.kernels_started == 1
+    assert execution.seconds < 30
+    assert execution.exercises[score.id].not_run == "the notebook ran out of time"
+    assert grading_processes() == []
+
 # ------------------------------------------------------------------ the full run on every fixture
 
-# Thirteen notebooks, ten of which import Trax in a fresh kernel: ~3 minutes on an idle 2-core machine,
+# Thirteen notebooks, ten of which import Trax in a fresh kernel: ~5 minutes on an idle 2-core machine,
 # far longer when the machine is shared, hence a longer limit than the suite's default.
 FULL_RUN = pytest.mark.timeout(3600)
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    """Grade every fixture submission once (jobs 2), with a hidden case added to lab01.causal_mask."""
+    """Grade every fixture submission once (jobs 2)."""
     root = tmp_path_factory.mktemp("grading")
     target = root / "out"  # the gradebook's folder, which hostile notebooks attack
     target.mkdir()
     (target / "keep.txt").write_text("precious")
     paths = make_submissions.write(root / "submissions", str(target))
-    exercise = registry()["lab01.causal_mask"]
-    hidden = Case("n = 47, the secret case", functools.partial(lambda n: ((n,), {}), 47), hidden=True)
-    original = exercise.cases
-    exercise.cases = original + [hidden]
     argv = [*map(str, paths), "--lab", "01", "--out", str(target / "gradebook.csv"),
             "--feedback", str(root / "feedback"), "--jobs", "2", "--cell-timeout", "300", "--timeout", "900",
             "--quiet"]  # generous limits: a shared machine can take minutes to import Trax
-    try:
-        code = batch.main(argv)
-    finally:
-        exercise.cases = original
+    code = batch.main(argv)
     return {"root": root, "target": target, "paths": paths, "argv": argv, "code": code,
             "rows": read_gradebook(target / "gradebook.csv")}
 
@@ -274,11 +294,16 @@ def test_hostile_notebooks_cannot_touch_files_outside_scratch_or_leave_processes
 def test_feedback_pages_show_reports_but_not_hidden_inputs(graded):
     feedback = graded["root"] / "feedback"
     ada = (feedback / "ada.html").read_text()
-    assert "lab01.causal_mask: all 5 cases passed" in ada
-    assert "hidden case 1" in ada and "secret" not in ada and "n = 47" not in ada
+    for exercise in LAB01:
+        hidden = [case for case in exercise.cases if case.hidden]
+        assert hidden, f"{exercise.id} has no hidden case: the run would not show that they are graded"
+        assert f"{exercise.id}: all {len(exercise.cases)} cases passed" in ada
+        assert f"Hidden cases (inputs not shown): {len(hidden)}/{len(hidden)} passed." in ada
+        assert all(html.escape(case.name) not in ada for case in hidden)
     cheater = (feedback / "cheater.html").read_text()
     assert "All tests passed" not in cheater.split("<table>")[0]
-    assert "lab01.attention: 0/6 cases passed" in cheater
+    attention = registry()["lab01.attention"]
+    assert f"lab01.attention: 0/{len(attention.cases)} cases passed" in cheater
 
 
 @FULL_RUN

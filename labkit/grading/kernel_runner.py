@@ -307,7 +307,8 @@ def run_submission(cells: list[tuple[int, str]], jobs: list[Job], limits: Limits
                     current = ("cell", index)
                     cell = kernel.run(source, index, limits.cell_timeout)
                     error = _cell_error(cell)
-                    if error and index not in kernel.client.timed_out_cells and index not in dict(execution.cell_errors):
+                    timed_out = index in kernel.client.timed_out_cells
+                    if error and not timed_out and index not in dict(execution.cell_errors):
                         execution.cell_errors.append((index, error))
                     if error == "MemoryError" and execution.kernels_started < MAX_KERNELS:
                         skip.add(index)
