@@ -164,23 +164,32 @@ class LazySelfAttention:
         return _trax_self_attention()(**kwargs)
 
 
-def _layer_mistake(**attention_kwargs):
-    """A SelfAttention subclass whose per-head attention makes a mistake (built on first use)."""
+def self_attention_with(attend):
+    """A factory of tl.SelfAttention subclasses whose per-head attention is `attend(q, k, v, causal)`.
+
+    Trax is imported when a layer is built, not when the registry is; `attend` gets one head's
+    q `[T, d_qk]`, k `[T, d_qk]`, v `[T, d_v]` and the layer's `causal` flag.
+    """
 
     def build(**kwargs):
-        tl = _trax_self_attention()
-
-        class Wrong(tl):
+        class PerHead(_trax_self_attention()):
             def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
                 w_q, w_k, w_v, w_o = weights
-                causal = self._causal and not attention_kwargs.get("ignore_causal", False)
-                m = causal_mask_reference(x.shape[0]) if causal else None
-                o = _attention_with(x @ w_q, x @ w_k, x @ w_v, m, scale=attention_kwargs.get("scale", True))
-                return o @ w_o, state
+                return attend(x @ w_q, x @ w_k, x @ w_v, self._causal) @ w_o, state
 
-        return Wrong(**kwargs)
+        return PerHead(**kwargs)
 
     return build
+
+
+def _layer_mistake(*, ignore_causal=False, scale=True):
+    """A SelfAttention subclass whose per-head attention makes a mistake."""
+
+    def attend(q, k, v, causal):
+        mask = causal_mask_reference(q.shape[0]) if causal and not ignore_causal else None
+        return _attention_with(q, k, v, mask, scale=scale)
+
+    return self_attention_with(attend)
 
 
 register(Exercise(

@@ -11,7 +11,7 @@ import numpy as np
 from labkit.attention.chunked import memory_efficient_attention
 from labkit.attention.dense import dot_product_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
-from labkit.grading.labs.lab01 import LazySelfAttention, run_layer
+from labkit.grading.labs.lab01 import LazySelfAttention, run_layer, self_attention_with
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -236,20 +236,8 @@ register(Exercise(
 # ---------------------------------------------------------------- 4. the Trax layer
 
 def _layer_mistake(**options):
-    """A SelfAttention subclass built on the chunked loops above, with one mistake (built on first use)."""
-
-    def build(**kwargs):
-        from trax import layers as tl
-
-        class Wrong(tl.SelfAttention):
-            def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-                w_q, w_k, w_v, w_o = weights
-                o = _chunked_with(x @ w_q, x @ w_k, x @ w_v, 4, 4, self._causal, **options)
-                return o @ w_o, state
-
-        return Wrong(**kwargs)
-
-    return build
+    """A SelfAttention subclass built on the chunked loops above, with one mistake."""
+    return self_attention_with(lambda q, k, v, causal: _chunked_with(q, k, v, 4, 4, causal, **options))
 
 
 register(Exercise(
