@@ -8,7 +8,7 @@ from labkit import _quiet
 
 _quiet.install()
 
-from labkit.grading import check, exercises  # noqa: E402 - after silencing, on purpose
+from labkit.grading import check, exercises, hint, use  # noqa: E402 - after silencing, on purpose
 
 __version__ = "0.1.0"
-__all__ = ["check", "exercises", "__version__"]
+__all__ = ["check", "exercises", "hint", "use", "__version__"]

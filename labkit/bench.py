@@ -7,7 +7,9 @@ second measurement in the same process sees the first one's leftovers. Each poin
 What a point measures (inputs `[batch, seq, heads, head_dim]` float32, keys = queries' length):
 - time: the program is jit-compiled first (compilation is not timed), then `warmup` calls, then the median
   of `repeats` timed calls, each waited for (`block_until_ready`);
-- GFLOP/s: `4 b h T S d` flops forward (two matmuls), x2.5 with the backward pass, halved when causal;
+- dense-equivalent GFLOP/s (`gflops` in the JSON): `4 b h T S d` flops forward (two matmuls), x2.5 with the
+  backward pass, halved when causal, whatever the implementation really computes; the table shows time per
+  token instead, which means the same for every family;
 - peak extra memory: the resident-set high-water mark during the warm-up and timed calls minus the resident
   set just before them. The kernel's high-water mark (`VmHWM`) is reset first where Linux allows it
   (`/proc/self/clear_refs`), so compilation's own peak cannot hide the call's; elsewhere it falls back to
@@ -446,11 +448,12 @@ def _variant(m: Measurement) -> str:
 
 
 def table(results: list[Measurement], baseline: str = "dense") -> str:
-    """Plain-text table: time, GFLOP/s, peak extra MiB, and ratios to `baseline` at the same length."""
+    """Plain-text table: time, time per token, peak extra MiB, and ratios to `baseline` at the same length."""
     base = {(m.seq_len, m.batch, m.heads, m.head_dim, m.causal, m.backward): m
             for m in results if m.impl == baseline and m.ok}
-    header = (f"{'impl':<18} {'seq':>7} {'variant':<16} {'time ms':>10} {'GFLOP/s':>8} {'peak MiB':>9} "
-              f"{'time/' + baseline:>12} {'mem/' + baseline:>12}  status")
+    short = baseline[:6]
+    header = (f"{'impl':<16} {'seq':>6} {'variant':<15} {'time ms':>9} {'us/token':>8} {'peak MiB':>8} "
+              f"{'t/' + short:>8} {'mem/' + short:>10}  status")
     lines = [header, "-" * len(header)]
     for m in results:
         ref = base.get((m.seq_len, m.batch, m.heads, m.head_dim, m.causal, m.backward))
@@ -458,11 +461,12 @@ def table(results: list[Measurement], baseline: str = "dense") -> str:
             t_ratio = f"{m.time_s / ref.time_s:.2f}x" if ref else "-"
             m_ratio = (f"{m.peak_extra_mib / ref.peak_extra_mib:.3f}x"
                        if ref and ref.peak_extra_mib else "-")
-            lines.append(f"{m.impl:<18} {m.seq_len:>7} {_variant(m):<16} {m.time_s * 1e3:>10.1f} {m.gflops:>8.1f} "
-                         f"{m.peak_extra_mib:>9.1f} {t_ratio:>12} {m_ratio:>12}  ok")
+            per_token = m.time_s / (m.batch * m.seq_len) * 1e6
+            lines.append(f"{m.impl:<16} {m.seq_len:>6} {_variant(m):<15} {m.time_s * 1e3:>9.1f} {per_token:>8.2f} "
+                         f"{m.peak_extra_mib:>8.1f} {t_ratio:>8} {m_ratio:>10}  ok")
         else:
-            lines.append(f"{m.impl:<18} {m.seq_len:>7} {_variant(m):<16} {'-':>10} {'-':>8} {'-':>9} {'-':>12} "
-                         f"{'-':>12}  {m.status}: {m.message}")
+            lines.append(f"{m.impl:<16} {m.seq_len:>6} {_variant(m):<15} {'-':>9} {'-':>8} {'-':>8} {'-':>8} "
+                         f"{'-':>10}  {m.status}: {m.message}")
     return "\n".join(lines)
 
 

@@ -155,6 +155,8 @@ def exercise_report(exercise: Exercise, name: str | None, run: ExerciseRun | Non
         return _not_run(exercise, why)
     if not run.candidate.get("defined"):
         return _not_run(exercise, f"missing function: the notebook does not define `{name}`")
+    if run.candidate.get("fallback"):
+        return _not_run(exercise, f"`{name}` is labkit's reference, handed out by labkit.use, not your own code")
     problem = _candidate_problem(exercise, kernel_side.candidate_stand_in(run.candidate))
     if problem:
         return _not_run(exercise, f"`{name}`: {problem}")

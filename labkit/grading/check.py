@@ -10,6 +10,7 @@ import numpy as np
 
 from labkit.grading.compare import compare, same_output
 from labkit.grading.exercise import Case, Exercise, registry
+from labkit.grading.explain import explain
 from labkit.grading.report import CaseResult, Report
 from labkit.grading.safe_call import CallResult, safe_call
 
@@ -49,28 +50,47 @@ def _error_result(name: str, result: CallResult, exercise: Exercise) -> CaseResu
         lines = [f"called sys.exit({err.code!r}) instead of returning a result"]
         return CaseResult(name, "error", lines + _printed_note(result), "return the value; never exit the kernel")
     root = _root_cause(err)
-    inside = " (inside the Trax layer)" if root is not err else ""
-    lines = [f"raised {type(root).__name__}: {str(root).strip()[:300]}{inside}"]
+    inside = " inside the Trax layer" if root is not err else ""
+    raw = f"{type(root).__name__}: {str(root).strip()}"
+    meaning = explain(root)
+    if meaning:
+        lines = [f"your code raised an error{inside}: {meaning}", f"(details: {raw[:200]})"]
+    else:
+        lines = [f"raised {raw[:300]}{' (' + inside.strip() + ')' if inside else ''}"]
     if result.where:
         lines.append(f"at {result.where}")
     return CaseResult(name, "error", lines + _printed_note(result), exercise.default_hint)
 
 
+# Outputs of labkit's own code (the reference, the registered mistakes) per case: they are deterministic,
+# so a learner's second check, and every mistake lookup after the first, costs no recomputation.
+_KNOWN_OUTPUTS: dict[tuple[str, int, str], CallResult] = {}
+
+
 class _Grader:
-    """Grades one candidate on one exercise; remembers mistake outputs per case for hints."""
+    """Grades one candidate on one exercise; recognises registered mistakes for hints."""
 
     def __init__(self, exercise: Exercise, candidate: Any, timeout: float):
         self.exercise, self.candidate, self.timeout = exercise, candidate, timeout
 
+    def _known_output(self, case: Case, label: str, candidate: Any) -> CallResult:
+        index = next(i for i, c in enumerate(self.exercise.cases) if c is case)
+        key = (self.exercise.id, index, label)
+        if key not in _KNOWN_OUTPUTS:
+            args, kwargs = case.inputs()
+            _KNOWN_OUTPUTS[key] = safe_call(lambda: self.exercise.run(candidate, args, kwargs), timeout=self.timeout)
+        return _KNOWN_OUTPUTS[key]
+
     def expected(self, case: Case) -> Any:
-        args, kwargs = case.inputs()
-        return self.exercise.run(self.exercise.reference, args, kwargs)
+        result = self._known_output(case, "reference", self.exercise.reference)
+        if not result.ok:
+            raise RuntimeError(f"the reference failed: {result.error!r}" if result.error else "the reference hung")
+        return result.value
 
     def recognise(self, case: Case, got: Any) -> tuple[str, str]:
         """`(mistake name, hint)` of the registered mistake whose output equals `got`, else blanks."""
         for mistake in self.exercise.mistakes:
-            args, kwargs = case.inputs()
-            wrong = safe_call(lambda: self.exercise.run(mistake.candidate, args, kwargs), timeout=self.timeout)
+            wrong = self._known_output(case, f"mistake {mistake.name}", mistake.candidate)
             if wrong.ok and same_output(got, wrong.value, atol=case.atol, rtol=case.rtol):
                 return mistake.name, mistake.hint
         return "", ""
@@ -131,6 +151,15 @@ def _candidate_problem(exercise: Exercise, candidate: Any) -> str:
     return ""
 
 
+# The candidates that passed each exercise in this session (kept alive, so an id is never reused).
+_PASSED: dict[str, list[Any]] = {}
+
+
+def has_passed(exercise_id: str, candidate: Any) -> bool:
+    """True when this very object passed `check(exercise_id, ...)` earlier in this session."""
+    return any(candidate is seen for seen in _PASSED.get(exercise_id, ()))
+
+
 def check(exercise_id: str, candidate: Any, *, timeout: float | None = None, include_hidden: bool = False) -> Report:
     """Grade `candidate` on exercise `exercise_id` (see `labkit.exercises()`); never raises.
 
@@ -153,4 +182,7 @@ def check(exercise_id: str, candidate: Any, *, timeout: float | None = None, inc
         return Report(exercise.id, exercise.description, exercise.points,
                       [CaseResult(c.name, "error", ["not run"], hidden=c.hidden) for c in cases], note=problem)
     grader = _Grader(exercise, candidate, timeout if timeout is not None else exercise.timeout)
-    return Report(exercise.id, exercise.description, exercise.points, grader.grade(cases))
+    report = Report(exercise.id, exercise.description, exercise.points, grader.grade(cases))
+    if report.passed and not has_passed(exercise.id, candidate):
+        _PASSED.setdefault(exercise.id, []).append(candidate)
+    return report

@@ -45,6 +45,8 @@ def _type_problem(label: str, expected: np.ndarray, got: Any) -> Mismatch | None
                                  "did the function forget to `return` its result?"])
     if expected.ndim == 0 and not (_is_array(got) or _is_number(got)):
         return Mismatch("type", [f"{label}: got a {type(got).__name__}; expected a number"])
+    if expected.ndim == 0 and np.issubdtype(expected.dtype, np.integer):
+        return _whole_number_problem(label, got)
     if expected.ndim > 0 and not _is_array(got):
         return Mismatch("type", [f"{label}: got a {type(got).__name__}; expected an array of shape {expected.shape}",
                                  "wrap the result with jnp.asarray(...)"])
@@ -52,7 +54,25 @@ def _type_problem(label: str, expected: np.ndarray, got: Any) -> Mismatch | None
     if got.shape != expected.shape:
         return Mismatch("shape", [f"{label}: shape {got.shape}, expected {expected.shape}"])
     if got.dtype != expected.dtype:
-        return Mismatch("dtype", [f"{label}: dtype {got.dtype}, expected {expected.dtype}"])
+        return Mismatch("dtype", [f"{label}: {_kind(got.dtype)}, expected {_kind(expected.dtype)}"])
+    return None
+
+
+def _kind(dtype: np.dtype) -> str:
+    """A dtype in words: "a boolean array (True = keep)" or "dtype float64"."""
+    if dtype == bool:
+        return "a boolean array (True = keep)"
+    return f"dtype {dtype}"
+
+
+def _whole_number_problem(label: str, got: Any) -> Mismatch | None:
+    """An answer that should be a whole number: any integer type will do; a float or array will not."""
+    value = np.asarray(got)
+    if value.ndim != 0:
+        return Mismatch("shape", [f"{label}: got an array of shape {value.shape}; expected one whole number"])
+    if not np.issubdtype(value.dtype, np.integer):
+        return Mismatch("type", [f"{label}: got {value.item()!r} ({value.dtype}); expected a whole number "
+                                 "(an int): count with integer arithmetic"])
     return None
 
 

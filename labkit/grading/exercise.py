@@ -63,6 +63,19 @@ class Exercise:
     nan_hint: str = "NaN or inf usually comes from exp() overflowing or a 0/0; subtract the row maximum first"
     timeout: float = 60.0
     expects_class: bool = False
+    # Deeper help for `labkit.hint(id)`: level 1 is `default_hint`, then these in order. Only the last
+    # level may show code; every other hint says what is wrong, never how to write it.
+    hints: tuple[str, ...] = ()
+    # What later cells use while the learner's own version does not pass yet (`labkit.use`): a function
+    # returning it, called when first needed (so Trax is imported only then). None: the reference.
+    fallback: Callable[[], Any] | None = None
+    # Names in labkit that would answer this exercise if a notebook used them before it (tested).
+    answered_by: tuple[str, ...] = ()
+
+    @property
+    def hint_levels(self) -> tuple[str, ...]:
+        """Every level of help, gentlest first: `default_hint`, then `hints`."""
+        return (self.default_hint, *self.hints)
 
     @property
     def lab(self) -> str:
@@ -84,8 +97,8 @@ def register(exercise: Exercise) -> Exercise:
 
 
 def registry() -> dict[str, Exercise]:
-    """All registered exercises by id, after importing every lab's exercise module."""
+    """All registered exercises, lab by lab, each lab's in the order its notebook asks them."""
     from labkit.grading import labs
 
     labs.load_all()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(_REGISTRY.items(), key=lambda item: item[1].lab))

@@ -83,6 +83,7 @@ def serve(job_file: str, namespace: dict) -> None:
     """Run the learner's candidate named in `job_file` on every case's inputs; write one record per case."""
     from labkit.grading.check import _mutated_argument, _snapshot
     from labkit.grading.exercise import registry
+    from labkit.grading.helping import is_fallback
     from labkit.grading.safe_call import safe_call
 
     job = json.loads(Path(job_file).read_text(encoding="utf-8"))
@@ -90,8 +91,8 @@ def serve(job_file: str, namespace: dict) -> None:
     candidate = namespace.get(job["name"])
     _write_json(out / "candidate.json", {
         "defined": job["name"] in namespace, "is_class": inspect.isclass(candidate),
-        "callable": callable(candidate), "type": type(candidate).__name__})
-    if not callable(candidate):
+        "callable": callable(candidate), "type": type(candidate).__name__, "fallback": is_fallback(candidate)})
+    if not callable(candidate) or is_fallback(candidate):
         return
     run = registry()[job["exercise"]].run
     for index, request in enumerate(job["cases"]):

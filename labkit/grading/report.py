@@ -61,16 +61,33 @@ class Report:
         return (f"{self.exercise_id}: {self.n_passed}/{len(self.cases)} cases passed "
                 f"({self.score:g}/{self.max_score:g} points)")
 
+    @property
+    def hints(self) -> list[str]:
+        """The distinct hints of the failing cases, in case order: one line per mistake, not per case."""
+        seen: list[str] = []
+        for case in self.cases:
+            if case.hint and case.hint not in seen:
+                seen.append(case.hint)
+        return seen
+
+    @property
+    def more_help(self) -> str:
+        """Where deeper help is, shown under a report that did not pass."""
+        if self.passed or not self.cases or all(c.status == "todo" for c in self.cases):
+            return ""
+        return f"more help: labkit.hint({self.exercise_id!r}) (run it again for the next level)"
+
     def text(self) -> str:
-        """The report as plain text, one block per case."""
+        """The report as plain text: one block per case, then each distinct hint once."""
         out = [self.summary]
         if self.note:
             out.append(f"  {self.note}")
         for case in self.cases:
             out.append(f"  {STATUS_LABEL[case.status]:<8}{case.name}")
             out += [f"          {line}" for line in case.lines]
-            if case.hint:
-                out.append(f"          hint: {case.hint}")
+        out += [f"  hint: {hint}" for hint in self.hints]
+        if self.more_help:
+            out.append(f"  {self.more_help}")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -84,12 +101,12 @@ class Report:
         rows = []
         for case in self.cases:
             detail = "<br>".join(html.escape(line) for line in case.lines)
-            if case.hint:
-                detail += f"<br><b>hint:</b> {html.escape(case.hint)}" if detail else f"<b>hint:</b> {html.escape(case.hint)}"
             mark = "&#10004;" if case.passed else "&#10008;"
             rows.append(f"<tr><td style='text-align:center'>{mark}</td><td>{html.escape(case.name)}</td>"
                         f"<td style='text-align:left;font-family:monospace;white-space:pre-wrap'>{detail}</td></tr>")
         note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
+        hints = "".join(f"<p><b>hint:</b> {html.escape(hint)}</p>" for hint in self.hints)
+        more = f"<p><i>{html.escape(self.more_help)}</i></p>" if self.more_help else ""
         return (f"<div class='labkit-report'><p style='color:{colour};font-weight:bold'>"
                 f"{html.escape(self.summary)}</p>{note}<table><thead><tr><th></th><th>case</th><th>details</th>"
-                f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+                f"</tr></thead><tbody>{''.join(rows)}</tbody></table>{hints}{more}</div>")

@@ -12,6 +12,7 @@ from labkit.attention.dense import causal_mask as dense_causal_mask
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.local import local_attention as labkit_local_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
+from labkit.grading.harness import LazyTraxLayer, run_with_weights_of, self_attention_with
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -137,49 +138,7 @@ register(Exercise(
 
 # ---------------------------------------------------------------- 3. a tl.SelfAttention subclass
 
-def run_layer(layer_cls, args, kwargs):
-    """Build `layer_cls(**kwargs)`, give it the weights of a seeded `tl.SelfAttention`, run it on x."""
-    from trax import layers as tl
-    from trax import shapes
-
-    x, seed = args
-    ref = tl.SelfAttention(**kwargs)
-    ref.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
-    layer = layer_cls(**kwargs)
-    layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
-    out, _ = layer.pure_fn(x, ref.weights, ref.state, jax.random.PRNGKey(seed + 1))
-    return out
-
-
-def _trax_self_attention():
-    from trax import layers as tl
-
-    return tl.SelfAttention
-
-
-class LazySelfAttention:
-    """Stands for `tl.SelfAttention` without importing Trax until a case runs."""
-
-    def __call__(self, **kwargs):
-        return _trax_self_attention()(**kwargs)
-
-
-def self_attention_with(attend):
-    """A factory of tl.SelfAttention subclasses whose per-head attention is `attend(q, k, v, causal)`.
-
-    Trax is imported when a layer is built, not when the registry is; `attend` gets one head's
-    q `[T, d_qk]`, k `[T, d_qk]`, v `[T, d_v]` and the layer's `causal` flag.
-    """
-
-    def build(**kwargs):
-        class PerHead(_trax_self_attention()):
-            def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-                w_q, w_k, w_v, w_o = weights
-                return attend(x @ w_q, x @ w_k, x @ w_v, self._causal) @ w_o, state
-
-        return PerHead(**kwargs)
-
-    return build
+run_layer = run_with_weights_of("SelfAttention")
 
 
 def _layer_mistake(*, ignore_causal=False, scale=True):
@@ -196,7 +155,8 @@ register(Exercise(
     id="lab01.self_attention_layer",
     description="subclass tl.SelfAttention and override forward_unbatched; match Trax with the same weights",
     points=3,
-    reference=LazySelfAttention(),
+    reference=LazyTraxLayer("SelfAttention"),
+    fallback=LazyTraxLayer("SelfAttention").load,
     run=run_layer,
     expects_class=True,
     cases=[

@@ -12,6 +12,7 @@ from labkit.attention.local import length_normalized, look_adjacent
 from labkit.attention.lsh import (chunked_lsh_attention, combine_hash_rounds, hash_vectors, lsh_attention_head,
                                   lsh_buckets, sort_by_bucket, unsort)
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
+from labkit.grading.harness import LazyTraxLayer, run_with_weights_of, trax_layer
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -275,33 +276,8 @@ register(Exercise(
 
 # ---------------------------------------------------------------- 5. the tl.LSHSelfAttention subclass
 
-def _trax_lsh():
-    from trax import layers as tl
-
-    return tl.LSHSelfAttention
-
-
-class _LazyReference:
-    """Stands for `tl.LSHSelfAttention` without importing Trax until a case runs."""
-
-    def __call__(self, **kwargs):
-        return _trax_lsh()(**kwargs)
-
-
-def run_lsh_layer(layer_cls, args, kwargs):
-    """Give `layer_cls(**kwargs)` the weights and state of a seeded `tl.LSHSelfAttention`; run it on x.
-
-    Returns `(output, new bucket ids)`: the layer must also store the hashes it used in its state.
-    """
-    from trax import shapes
-
-    x, seed = args
-    ref = _trax_lsh()(**kwargs)
-    ref.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
-    layer = layer_cls(**kwargs)
-    layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed + 100))
-    out, state = layer.pure_fn(x, ref.weights, ref.state, jax.random.PRNGKey(seed + 1))
-    return out, state[0]
+# The layer must also store the hashes it used in its state: graded are (output, new bucket ids).
+run_lsh_layer = run_with_weights_of("LSHSelfAttention", lambda output, state: (output, state[0]))
 
 
 def _head_with(q, v, buckets, n_hashes, *, causal, chunk_len, n_chunks_before, self_mask=True, combine="softmax"):
@@ -318,7 +294,7 @@ def _layer_mistake(*, keep_old_state=False, **head_kwargs):
     """A tl.LSHSelfAttention subclass with a mistake (built on first use, so Trax loads lazily)."""
 
     def build(**kwargs):
-        base = _trax_lsh()
+        base = trax_layer("LSHSelfAttention")
 
         class Wrong(base):
             def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
@@ -345,7 +321,7 @@ register(Exercise(
     id="lab02.lsh_layer",
     description="subclass tl.LSHSelfAttention, override forward_unbatched; match Trax's outputs and hashes",
     points=3,
-    reference=_LazyReference(),
+    reference=LazyTraxLayer("LSHSelfAttention"),
     run=run_lsh_layer,
     expects_class=True,
     cases=[

@@ -11,7 +11,7 @@ import numpy as np
 from labkit.attention.chunked import memory_efficient_attention
 from labkit.attention.dense import dot_product_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
-from labkit.grading.labs.lab01 import LazySelfAttention, run_layer, self_attention_with
+from labkit.grading.harness import LazyTraxLayer, run_with_weights_of, self_attention_with
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -244,8 +244,8 @@ register(Exercise(
     id="lab03.memory_efficient_layer",
     description="a tl.SelfAttention subclass whose forward_unbatched uses chunked attention; matches Trax",
     points=3,
-    reference=LazySelfAttention(),
-    run=run_layer,
+    reference=LazyTraxLayer("SelfAttention"),
+    run=run_with_weights_of("SelfAttention"),
     expects_class=True,
     cases=[
         _layer_case("one head, seq 4, d_model 8", 0, 1, 4, 8, n_heads=1, d_qk=4, d_v=4),
