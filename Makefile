@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser test book lab release clean
+.PHONY: setup browser test test-fast book lab release clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,16 @@ browser:
 	  fi; \
 	fi
 
-# Unit tests, learner simulations, the release check, the book build and browser test, and nbval over every
-# master notebook.
+# Unit tests, learner simulations, the release check, the book build and browser test, nbval over every
+# master notebook and a run of every untouched student notebook. Two workers, one file each at a time
+# (a notebook's cells must share one kernel): the machine's two cores both stay busy.
 test: setup browser
-	$(PY) -m pytest tests notebooks --nbval-lax --ignore=notebooks/student --ignore=tests/fixtures --nbval-cell-timeout=300
+	$(PY) -m pytest tests notebooks --nbval-lax --ignore=notebooks/student --ignore=tests/fixtures \
+	  --nbval-cell-timeout=300 -n 2 --dist loadfile
+
+# A contributor's inner loop: everything but whole-notebook runs, the site and the full batch-grading run.
+test-fast: setup
+	$(PY) -m pytest tests --ignore=tests/fixtures -m "not slow" -n 2 --dist loadfile
 
 # The course site from the notebooks' stored outputs (nothing is executed), warnings as errors, MathJax served
 # from the site itself: it works offline.

@@ -73,7 +73,8 @@ class Implementation:
     """How to build one attention implementation for the benchmark.
 
     `make(causal=..., **options)` returns `fn(query, key, value) -> out` on `[batch, seq, heads, dim]` arrays
-    of its framework (`"jax"` arrays, or `"torch"` tensors); `requires` names modules that must import, else
+    of its framework (`"jax"` arrays, `"torch"` tensors, or `"keras"`: jax arrays through a Keras layer on the
+    JAX backend); `requires` names modules that must import, else
     the point is skipped; `memory(shape, options)` estimates the peak extra bytes of one call.
     """
 
@@ -129,6 +130,41 @@ def _make_torch(*, causal: bool, **options) -> Callable:
     return sdpa
 
 
+def _make_keras(memory_efficient: bool) -> Callable[..., Callable]:
+    """Keras's MultiHeadAttention, or labkit's drop-in, on the JAX backend: `fn(q, k, v)` projects and attends.
+
+    Inputs `[batch, seq, heads, dim]` are flattened to Keras's `[batch, seq, heads * dim]`; the layer is built
+    on the first (eager) call, then jitted like every other implementation.
+    """
+
+    def make(*, causal: bool, **options) -> Callable:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras
+
+        from labkit.keras import MemoryEfficientMultiHeadAttention
+
+        cls = MemoryEfficientMultiHeadAttention if memory_efficient else keras.layers.MultiHeadAttention
+        built: dict[str, Any] = {}
+
+        def attend(query, key, value):
+            if "layer" not in built:
+                built["layer"] = cls(num_heads=query.shape[2], key_dim=query.shape[3], **options)
+            b, t = query.shape[:2]
+            flat = [x.reshape(b, x.shape[1], -1) for x in (query, key, value)]  # [B, L, N * H]
+            return built["layer"](flat[0], flat[2], key=flat[1], use_causal_mask=causal)
+
+        return attend
+
+    return make
+
+
+def _keras_step(fn: Callable, inputs: list, backward: bool) -> Callable[[], Any]:
+    if backward:
+        raise ValueError("the Keras entries measure inference only")
+    fn(*[x[:, :8] for x in inputs])  # builds the layer's weights eagerly, outside the jitted program
+    return _jax_step(fn, inputs, backward)
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "dense": Implementation("labkit.attention.dense.dot_product_attention (full score matrix)",
                             _make_dense, _dense_memory),
@@ -138,6 +174,14 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
                                        _make_memory_efficient, _blockwise_memory),
     "torch": Implementation("torch.nn.functional.scaled_dot_product_attention (CPU flash kernel)",
                             _make_torch, _blockwise_memory, framework="torch", requires=("torch",)),
+    # Lab 03, the Keras drop-in: projections included, so memory is compared between these two entries.
+    "keras_mha": Implementation("keras.layers.MultiHeadAttention (JAX backend)", _make_keras(False),
+                                lambda s, o: _dense_memory(s, o) + 3 * s.io_bytes, framework="keras",
+                                requires=("keras",)),
+    "keras_chunked": Implementation(
+        "labkit.keras.MemoryEfficientMultiHeadAttention (JAX backend, chunks of 512)", _make_keras(True),
+        lambda s, o: _blockwise_memory(s, {"query_chunk_size": 512, "key_chunk_size": 512, **o}) + 3 * s.io_bytes,
+        framework="keras", requires=("keras",)),
     # Lab 04. Causal `linear` is the prefix-sum form: it materialises T [d, dv] states (O(T d dv) memory).
     "linear": Implementation(
         "labkit.attention.linear.linear_attention (elu+1; causal: prefix sums)",
@@ -333,7 +377,7 @@ def run_point(spec: dict) -> dict:
     dims = (shape.batch, shape.seq_len, shape.heads, shape.head_dim)
     inputs = [rng.standard_normal(dims, dtype=np.float32) for _ in range(3)]
     fn = impl.make(causal=shape.causal, **spec.get("options", {}))
-    step = (_torch_step if impl.framework == "torch" else _jax_step)(fn, inputs, shape.backward)
+    step = {"torch": _torch_step, "keras": _keras_step}.get(impl.framework, _jax_step)(fn, inputs, shape.backward)
     peak = _PeakMemory()
     peak.start()
     for _ in range(spec["warmup"]):

@@ -243,7 +243,9 @@ def test_the_notebook_time_limit_stops_everything():
 
 # Thirteen notebooks, ten of which import Trax in a fresh kernel: ~5 minutes on an idle 2-core machine,
 # far longer when the machine is shared, hence a longer limit than the suite's default.
-FULL_RUN = pytest.mark.timeout(3600)
+def FULL_RUN(test):
+    """A test of the full run: a long time limit, and left out of `make test-fast`."""
+    return pytest.mark.slow(pytest.mark.timeout(3600)(test))
 
 
 @pytest.fixture(scope="module")
