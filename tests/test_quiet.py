@@ -1,5 +1,8 @@
 """A learner's first cells: no start-up noise from TensorFlow/gym, and plots still show after Trax loads."""
 
+import subprocess
+import sys
+
 import nbformat
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
@@ -17,3 +20,13 @@ def test_first_cell_is_quiet_and_plots_survive_trax():
         assert noise not in printed, printed
     assert any("image/png" in o.get("data", {}) for o in second.outputs), second.outputs
     nbformat.validate(nb)
+
+
+def test_importing_labkit_or_its_maths_loads_no_framework_and_no_grader():
+    code = ("import sys, time; t = time.perf_counter(); import labkit, labkit.attention.dense, labkit.attention.chunked; "
+            "print(time.perf_counter() - t, [m for m in ('trax', 'tensorflow', 'keras', 'labkit.grading') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
+    assert out[1].strip() == "[]", f"imported: {out[1]}"
+    import labkit
+
+    assert callable(labkit.check) and callable(labkit.use), "the graders load on first use"
