@@ -454,6 +454,7 @@ def measure(impl: str, seq_len: int, *, batch: int = 1, heads: int = 4, head_dim
         return result
     spec = {"impl": impl, "seq_len": seq_len, "batch": batch, "heads": heads, "head_dim": head_dim,
             "causal": causal, "backward": backward, "repeats": repeats, "warmup": warmup, "options": impl_options}
+    # The folder holding this labkit package (a checkout or site-packages), so the worker imports the same one.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-c", "from labkit.bench import _worker_main; _worker_main()", json.dumps(spec)]

@@ -22,7 +22,6 @@ report and ends with the report's score, which nbgrader takes as partial credit.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import re
 import sys
@@ -31,8 +30,9 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-BEGIN_MARKER = "### BEGIN SOLUTION"
-END_MARKER = "### END SOLUTION"
+from labkit.notebook import (BEGIN_MARKER, END_MARKER, MarkerError, check_calls_in, defined_names, is_check_cell,
+                             marker_in)
+
 STUB_LINES = ("# YOUR CODE HERE", "raise NotImplementedError()")
 REMOVE_TAG = "remove-student"
 MASTER_NAME = re.compile(r"^\d{2}_[\w-]+\.ipynb$")
@@ -45,22 +45,15 @@ class ReleaseError(ValueError):
     """A master notebook cannot be turned into a student notebook."""
 
 
-def _marker_in(line: str) -> str | None:
-    """The solution marker `line` is (BEGIN_MARKER / END_MARKER), or None; a marker mid-line is an error."""
-    for marker in (BEGIN_MARKER, END_MARKER):
-        if marker in line:
-            if not line.lstrip().startswith(marker):
-                raise ReleaseError(f"{marker!r} must start its line, got {line.strip()!r}")
-            return marker
-    return None
-
-
 def strip_solutions(source: str) -> str:
     """Replace every BEGIN/END SOLUTION region of a code cell's source with the stub, keeping indentation."""
     lines_out: list[str] = []
     begin_line = None
     for number, line in enumerate(source.split("\n"), start=1):
-        marker = _marker_in(line)
+        try:
+            marker = marker_in(line)
+        except MarkerError as error:
+            raise ReleaseError(str(error)) from None
         if marker == BEGIN_MARKER:
             if begin_line is not None:
                 raise ReleaseError(f"line {number}: nested {BEGIN_MARKER!r} (region opened at line {begin_line})")
@@ -155,49 +148,12 @@ def release(masters_dir: str | Path, out_dir: str | Path, *, check: bool = False
     return changed
 
 
-def check_calls_in(source: str) -> list[tuple[str, str]]:
-    """`(exercise id, name)` of each `labkit.check("labNN.x", name, ...)` in a code cell's source."""
-    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
-    try:
-        tree = ast.parse("\n".join(lines))
-    except (SyntaxError, ValueError):
-        return []
-    calls = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and len(node.args) >= 2:
-            func, (first, second) = node.func, node.args[:2]
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if (name == "check" and isinstance(first, ast.Constant) and isinstance(first.value, str)
-                    and isinstance(second, ast.Name)):
-                calls.append((first.value, second.id))
-    return calls
-
-
-def is_check_cell(source: str) -> bool:
-    """True for a code cell whose statements are all `labkit.check(...)` calls (comments allowed)."""
-    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
-    try:
-        body = ast.parse("\n".join(lines)).body
-    except (SyntaxError, ValueError):
-        return False
-    return bool(body) and all(isinstance(stmt, ast.Expr) and check_calls_in(ast.unparse(stmt)) for stmt in body)
-
-
 def _nbgrader_meta(grade_id: str, *, solution: bool, grade: bool, points: float = 0) -> dict:
     meta = {"grade": grade, "grade_id": grade_id, "locked": grade, "schema_version": NBGRADER_SCHEMA,
             "solution": solution, "task": False}
     if grade:
         meta["points"] = points
     return meta
-
-
-def _defined_names(source: str) -> set[str]:
-    try:
-        tree = ast.parse("\n".join("" if line.lstrip().startswith(("%", "!")) else line
-                                    for line in source.splitlines()))
-    except (SyntaxError, ValueError):
-        return set()
-    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
 
 def nbgrader_notebook(master: NotebookNode, *, name: str, points: dict[str, float]) -> NotebookNode:
@@ -215,7 +171,7 @@ def nbgrader_notebook(master: NotebookNode, *, name: str, points: dict[str, floa
             continue
         cell.source = by_id[cell.id].source
         if BEGIN_MARKER in cell.source:
-            exercises = sorted(checked[n] for n in _defined_names(cell.source) if n in checked)
+            exercises = sorted(checked[n] for n in defined_names(cell.source) if n in checked)
             grade_id = f"{exercises[0].replace('.', '-')}-solution" if exercises else f"solution-{cell.id}"
             cell.metadata["nbgrader"] = _nbgrader_meta(grade_id, solution=True, grade=False)
         elif is_check_cell(cell.source):

@@ -332,9 +332,10 @@ def test_python_m_labkit_grade(tmp_path):
     for name in ("not_json.ipynb", "empty.ipynb"):
         (tmp_path / name).write_bytes(subs[name])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    lab = REPO / "notebooks" / "student" / "01_dot_product_attention.ipynb"  # names the graded functions
     result = subprocess.run([sys.executable, "-m", "labkit", "grade", str(tmp_path), "--lab", "01", "--out",
-                             str(tmp_path / "book.csv"), "--quiet"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+                             str(tmp_path / "book.csv"), "--notebook", str(lab), "--quiet"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "graded 2 submission(s)" in result.stdout
     rows = read_gradebook(tmp_path / "book.csv")

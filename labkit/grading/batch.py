@@ -41,12 +41,12 @@ from pathlib import Path
 import nbformat
 
 from labkit.grading import kernel_side
-from labkit.grading.check import _candidate_problem, _Grader
+from labkit.grading.check import Grader, candidate_problem
 from labkit.grading.exercise import Case, Exercise, registry
 from labkit.grading.gradebook import Gradebook, atomic_write_text, content_hash
 from labkit.grading.kernel_runner import Execution, ExerciseRun, Job, Limits, run_submission
 from labkit.grading.report import CaseResult, Report
-from labkit.release import check_calls_in, is_check_cell
+from labkit.notebook import check_calls_in, is_check_cell
 
 STATUSES = ("invalid notebook", "crashed", "timeout", "memory limit", "missing function", "ok")
 GRADER_ERROR = "grader error"
@@ -109,7 +109,7 @@ def learner_id(path: Path, notebook: nbformat.NotebookNode | None, lab_stem: str
 
 # ------------------------------------------------------------------ grading outputs
 
-class _RemoteGrader(_Grader):
+class _RemoteGrader(Grader):
     """`check`'s grader, fed with the outputs the learner's kernel computed on the grader's inputs."""
 
     def __init__(self, exercise: Exercise, run: ExerciseRun, timeout: float, cache: dict | None = None):
@@ -157,7 +157,7 @@ def exercise_report(exercise: Exercise, name: str | None, run: ExerciseRun | Non
         return _not_run(exercise, f"missing function: the notebook does not define `{name}`")
     if run.candidate.get("fallback"):
         return _not_run(exercise, f"`{name}` is labkit's reference, handed out by labkit.use, not your own code")
-    problem = _candidate_problem(exercise, kernel_side.candidate_stand_in(run.candidate))
+    problem = candidate_problem(exercise, kernel_side.candidate_stand_in(run.candidate))
     if problem:
         return _not_run(exercise, f"`{name}`: {problem}")
     grader = _RemoteGrader(exercise, run, timeout, cache)
@@ -343,13 +343,13 @@ def find_submissions(paths: list[str]) -> tuple[list[Path], list[str]]:
     return unique, warnings_
 
 
-def lab_notebook(lab: str, explicit: Path | None) -> Path | None:
-    """The lab's own notebook (student version preferred), whose check cells name the functions."""
+def lab_notebook(lab: str, explicit: Path | None, folder: Path = Path("notebooks")) -> Path | None:
+    """The lab's own notebook, whose check cells name the functions: `explicit`, else the first
+    `NN_*.ipynb` in `folder/student`, then in `folder` (relative to the working directory)."""
     if explicit is not None:
         return explicit
-    root = Path(__file__).resolve().parents[2] / "notebooks"
-    for folder in (root / "student", root):
-        matches = sorted(folder.glob(f"{lab}_*.ipynb")) if folder.is_dir() else []
+    for place in (folder / "student", folder):
+        matches = sorted(place.glob(f"{lab}_*.ipynb")) if place.is_dir() else []
         if matches:
             return matches[0]
     return None
@@ -380,7 +380,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory", type=parse_memory, default=4 << 30, help="memory limit per kernel (default 4G)")
     parser.add_argument("--jobs", type=int, default=2, help="submissions graded at the same time (default: 2)")
     parser.add_argument("--notebook", type=Path, help="the lab's notebook whose check cells name the functions "
-                                                      "(default: notebooks/student/NN_*.ipynb)")
+                                                      "(default: NN_*.ipynb in ./notebooks/student, then "
+                                                      "./notebooks; without one, the graded names come from "
+                                                      "each submission's own check cells)")
     parser.add_argument("--force", action="store_true", help="grade again even if a submission is unchanged")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -15,12 +15,13 @@ from labkit.grading.report import CaseResult, Report
 from labkit.grading.safe_call import CallResult, safe_call
 
 
-def _snapshot(tree: Any) -> list[np.ndarray | None]:
+def snapshot(tree: Any) -> list[np.ndarray | None]:
+    """Copies of the numpy arrays among `tree`'s leaves (None for other leaves), to detect in-place changes."""
     return [np.array(leaf, copy=True) if isinstance(leaf, np.ndarray) else None
             for leaf in jax.tree_util.tree_leaves(tree)]
 
 
-def _mutated_argument(tree: Any, before: list[np.ndarray | None]) -> int | None:
+def mutated_argument(tree: Any, before: list[np.ndarray | None]) -> int | None:
     """Index of the first numpy input that changed in place, if any."""
     for i, (leaf, old) in enumerate(zip(jax.tree_util.tree_leaves(tree), before)):
         if old is not None and not np.array_equal(np.asarray(leaf), old, equal_nan=True):
@@ -67,7 +68,7 @@ def _error_result(name: str, result: CallResult, exercise: Exercise) -> CaseResu
 _KNOWN_OUTPUTS: dict[tuple[str, int, str], CallResult] = {}
 
 
-class _Grader:
+class Grader:
     """Grades one candidate on one exercise; recognises registered mistakes for hints."""
 
     def __init__(self, exercise: Exercise, candidate: Any, timeout: float):
@@ -98,9 +99,9 @@ class _Grader:
     def call(self, case: Case) -> tuple[CallResult, int | None]:
         """Run the candidate on fresh inputs: `(result, index of an input it changed in place or None)`."""
         args, kwargs = case.inputs()
-        before = _snapshot((args, kwargs))
+        before = snapshot((args, kwargs))
         result = safe_call(lambda: self.exercise.run(self.candidate, args, kwargs), timeout=self.timeout)
-        return result, (_mutated_argument((args, kwargs), before) if result.ok else None)
+        return result, (mutated_argument((args, kwargs), before) if result.ok else None)
 
     def grade_case(self, case: Case) -> CaseResult:
         try:
@@ -142,7 +143,8 @@ class _Grader:
         return results
 
 
-def _candidate_problem(exercise: Exercise, candidate: Any) -> str:
+def candidate_problem(exercise: Exercise, candidate: Any) -> str:
+    """Why `candidate` cannot be graded on `exercise` at all (not a function / not a class), or ""."""
     if exercise.expects_class:
         if not inspect.isclass(candidate):
             return f"expected a class (a subclass of the Trax layer), got {type(candidate).__name__}"
@@ -177,11 +179,11 @@ def check(exercise_id: str, candidate: Any, *, timeout: float | None = None, inc
     if exercise is None:
         return Report(exercise_id, "", 0, [], note=f"unknown exercise {exercise_id!r}; known: {', '.join(exercises)}")
     cases = [c for c in exercise.cases if include_hidden or not c.hidden]
-    problem = _candidate_problem(exercise, candidate)
+    problem = candidate_problem(exercise, candidate)
     if problem:
         return Report(exercise.id, exercise.description, exercise.points,
                       [CaseResult(c.name, "error", ["not run"], hidden=c.hidden) for c in cases], note=problem)
-    grader = _Grader(exercise, candidate, timeout if timeout is not None else exercise.timeout)
+    grader = Grader(exercise, candidate, timeout if timeout is not None else exercise.timeout)
     report = Report(exercise.id, exercise.description, exercise.points, grader.grade(cases))
     if report.passed and not has_passed(exercise.id, candidate):
         _PASSED.setdefault(exercise.id, []).append(candidate)

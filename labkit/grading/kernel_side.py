@@ -81,7 +81,7 @@ def _write_json(path: Path, record: dict) -> None:
 
 def serve(job_file: str, namespace: dict) -> None:
     """Run the learner's candidate named in `job_file` on every case's inputs; write one record per case."""
-    from labkit.grading.check import _mutated_argument, _snapshot
+    from labkit.grading.check import mutated_argument, snapshot
     from labkit.grading.exercise import registry
     from labkit.grading.helping import is_fallback
     from labkit.grading.safe_call import safe_call
@@ -98,14 +98,14 @@ def serve(job_file: str, namespace: dict) -> None:
     for index, request in enumerate(job["cases"]):
         with open(request, "rb") as handle:
             args, kwargs = pickle.load(handle)
-        before = _snapshot((args, kwargs))
+        before = snapshot((args, kwargs))
         result = safe_call(lambda: run(candidate, args, kwargs), timeout=job["timeout"])
         record = {"timed_out": result.timed_out, "where": result.where,
                   "printed_chars": result.printed_chars, "printed_head": result.printed_head}
         if result.error is not None:
             record["error"] = _error_record(result.error)
         elif not result.timed_out:
-            record["mutated"] = _mutated_argument((args, kwargs), before)
+            record["mutated"] = mutated_argument((args, kwargs), before)
             try:
                 record["value"] = _encode(result.value, out, f"case{index}", [0])
             except Exception as err:  # noqa: BLE001 - a value numpy cannot save: describe it
@@ -190,7 +190,7 @@ def read_candidate(directory: Path) -> dict | None:
 
 
 def candidate_stand_in(record: dict) -> Any:
-    """A local object with the candidate's kind (class / function / other type) for `_candidate_problem`."""
+    """A local object with the candidate's kind (class / function / other type) for `candidate_problem`."""
     if record.get("is_class"):
         return type("LearnerClass", (), {})
     if record.get("callable"):
