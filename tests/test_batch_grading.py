@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 
 import labkit
-from labkit.grading import batch, kernel_side, registry
+from labkit.grading import batch, registry
 from labkit.grading.exercise import Exercise
 from labkit.grading.gradebook import Gradebook, atomic_write_text
-from labkit.grading.kernel_runner import TOKEN_VARIABLE, ExerciseRun, Job, Limits, run_submission
-from labkit.grading.sandbox_kernel import landlock_abi
+from labkit.grading.sandbox import kernel_side
+from labkit.grading.sandbox.runner import TOKEN_VARIABLE, ExerciseRun, Job, Limits, run_submission
+from labkit.grading.sandbox.kernel import landlock_abi
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -102,7 +103,7 @@ def test_memory_sizes():
 
 def _serve_here(tmp_path: Path, exercise: Exercise, candidate, name: str = "candidate") -> ExerciseRun:
     """What `run_submission` does around the kernel, with `kernel_side.serve` run in this process."""
-    from labkit.grading.kernel_runner import _collect, _prepare_jobs
+    from labkit.grading.sandbox.runner import _collect, _prepare_jobs
 
     scratch = tmp_path / "scratch"
     scratch.mkdir(parents=True)

@@ -5,7 +5,7 @@ For each submission (a notebook, or a folder searched for `*.ipynb`):
 1. it is read once and hashed; a submission whose hash is unchanged since the gradebook's row for it
    was written is skipped (resumable runs). Files that are not JSON, not a notebook, or not a valid
    nbformat notebook get the status `invalid notebook` and zero points, without a kernel;
-2. its code cells run in a fresh kernel in a separate process (`labkit.grading.kernel_runner`): memory
+2. its code cells run in a fresh kernel in a separate process (`labkit.grading.sandbox.runner`): memory
    limit, per-cell and per-notebook time limits, a scratch working directory, writes confined to it
    where the OS allows (Landlock), a minimal environment. Cells that only call `labkit.check(...)` are
    not run: their verdict would come from the learner's own process;
@@ -40,11 +40,11 @@ from pathlib import Path
 
 import nbformat
 
-from labkit.grading import kernel_side
+from labkit.grading.sandbox import kernel_side
 from labkit.grading.check import Grader, candidate_problem
 from labkit.grading.exercise import Case, Exercise, registry
 from labkit.grading.gradebook import Gradebook, atomic_write_text, content_hash
-from labkit.grading.kernel_runner import Execution, ExerciseRun, Job, Limits, run_submission
+from labkit.grading.sandbox.runner import Execution, ExerciseRun, Job, Limits, run_submission
 from labkit.grading.report import CaseResult, Report
 from labkit.notebook import check_calls_in, is_check_cell
 

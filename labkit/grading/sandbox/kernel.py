@@ -1,4 +1,4 @@
-"""Start an IPython kernel for one submission inside limits: `python -m labkit.grading.sandbox_kernel ...`.
+"""Start an IPython kernel for one submission inside limits: `python -m labkit.grading.sandbox.kernel ...`.
 
 Batch grading (`labkit.grading.batch`) launches each learner's kernel through this module. Before the
 kernel imports anything it
@@ -101,7 +101,7 @@ def apply_limits(memory_bytes: int | None, writable_dirs: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Apply the limits, then run ipykernel with the remaining arguments (`-f CONNECTION_FILE`)."""
-    parser = argparse.ArgumentParser(prog="python -m labkit.grading.sandbox_kernel")
+    parser = argparse.ArgumentParser(prog="python -m labkit.grading.sandbox.kernel")
     parser.add_argument("--memory", type=int, default=0, help="address-space limit in bytes (0: none)")
     parser.add_argument("--writable", action="append", default=[], help="directory the kernel may write in")
     args, rest = parser.parse_known_args(argv)

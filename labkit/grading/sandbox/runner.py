@@ -1,6 +1,6 @@
 """Run one submitted notebook in a fresh, limited kernel and collect its functions' outputs on given inputs.
 
-`run_submission` starts the learner's kernel with `labkit.grading.sandbox_kernel` (own process group,
+`run_submission` starts the learner's kernel with `labkit.grading.sandbox.kernel` (own process group,
 memory limit, writes confined to a scratch directory that is also its working directory and HOME, a
 minimal environment), executes the learner's code cells with nbclient (per-cell time limit, errors
 recorded, not fatal), then for each exercise runs `kernel_side.serve` in that kernel and reads the
@@ -35,7 +35,7 @@ from nbclient.exceptions import DeadKernelError
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from labkit.grading import kernel_side
+from labkit.grading.sandbox import kernel_side
 from labkit.grading.safe_call import CallResult
 
 KERNEL_NAME = "labkit-grading"
@@ -125,7 +125,7 @@ def minimal_env(scratch: Path, token: str) -> dict[str, str]:
 
 
 def _write_kernelspec(directory: Path, limits: Limits, scratch: Path) -> None:
-    argv = [sys.executable, "-m", "labkit.grading.sandbox_kernel", "--memory", str(limits.memory_bytes or 0),
+    argv = [sys.executable, "-m", "labkit.grading.sandbox.kernel", "--memory", str(limits.memory_bytes or 0),
             "--writable", str(scratch), "-f", "{connection_file}"]
     spec_dir = directory / KERNEL_NAME
     spec_dir.mkdir(parents=True)
@@ -241,7 +241,7 @@ class _Kernel:
 
 
 def _harness_source(job_file: Path) -> str:
-    return f'__import__("labkit.grading.kernel_side", fromlist=["serve"]).serve({str(job_file)!r}, globals())\n'
+    return f'__import__("labkit.grading.sandbox.kernel_side", fromlist=["serve"]).serve({str(job_file)!r}, globals())\n'
 
 
 def _prepare_jobs(scratch: Path, jobs: list[Job]) -> list[tuple[Job, Path, Path]]:
