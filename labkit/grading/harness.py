@@ -1,4 +1,4 @@
-"""Running layer exercises: a learner's Trax layer on the weights of Trax's own, under `jit`.
+"""Running candidates fast: functions under `jit`, and a learner's Trax layer on the weights of Trax's own.
 
 Trax is imported when a case runs, never when the registries load. Each case builds Trax's layer,
 initialises it from a seed, and runs the learner's layer with those weights and that state. The call is
@@ -14,6 +14,20 @@ from typing import Any, Callable
 import jax
 
 from labkit.grading.explain import guard_forward_unbatched
+
+
+def run_jitted(candidate: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run a function candidate jit-compiled (Python ints, bools, strings and None stay static).
+
+    One compilation per case instead of one per operation, so a check answers in a second or two. Code that
+    `jit` cannot trace (a Python `if` on values, numpy calls) runs again as written, so the learner sees the
+    error their own code raises, if any.
+    """
+    static = tuple(i for i, a in enumerate(args) if a is None or isinstance(a, (bool, int, str)))
+    try:
+        return jax.jit(candidate, static_argnums=static)(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - run it eagerly: its own error (if any) is the one to report
+        return candidate(*args, **kwargs)
 
 
 def trax_layer(name: str) -> type:

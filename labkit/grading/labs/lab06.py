@@ -10,6 +10,7 @@ import numpy as np
 
 from labkit.attention.linformer import linformer_attention, num_projection_params
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
+from labkit.grading.harness import run_jitted
 from labkit.grading.inputs import normal as _normal
 
 
@@ -48,6 +49,7 @@ register(Exercise(
     description="Linformer attention for one head: project keys and values along the sequence axis with E, F",
     points=3,
     reference=projected_attention_reference,
+    run=run_jitted,
     cases=[
         _proj_case("tiny: 3 queries, n = 6 keys projected to k = 2, dim 2", 0, 3, 6, 2, 2),
         _proj_case("square: n = k = d = 4 (the shapes cannot tell the axes apart)", 10, 5, 4, 4, 4),
@@ -59,16 +61,30 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("projected the feature axis", functools.partial(_projected_with, feature_axis=True),
-                "E and F are [k, n]: they mix positions, so project along the sequence axis, E @ k ([k, n] @ "
-                "[n, d] -> [k, d]), not the features (k @ E.T)"),
+                "E and F are [k, n]: they mix the n positions of the keys and values, so they act along the "
+                "sequence axis, from the left; yours mixes each key's features (which only has the right shape "
+                "because d = n here)"),
         Mistake("values projected with E", functools.partial(_projected_with, values_with_e=True),
                 "keys are projected with E, values with F (F v), unless the two are shared"),
         Mistake("missing scale", functools.partial(_projected_with, scale=False),
                 "divide the scores by sqrt(d), the query/key dimension, before the softmax"),
         Mistake("softmax over queries", functools.partial(_projected_with, axis=0),
-                "the softmax runs over the k projected keys, i.e. along each row (axis=-1)"),
+                "each query's weights over the k projected keys must sum to 1: normalise every row of the "
+                "scores, not every column (over the queries)"),
     ],
-    default_hint="pk = E @ k, pv = F @ v; scores = q @ pk.T / sqrt(d); softmax along each row; multiply by pv",
+    default_hint="E and F are [k, n]: they mix the n positions of the keys and values into k rows and leave the "
+                 "features alone. Then every query attends to those k rows as in dense attention: scaled "
+                 "scores, a softmax over each query's row, a weighted sum of the projected values",
+    hints=("two steps. Project: E multiplies the keys from the left ([k, n] times [n, d] gives [k, d]), F the "
+           "values. Attend: the queries against the projected keys, divided by the square root of q's last "
+           "dimension, `jax.nn.softmax` over the last axis, then times the projected values",
+           "pk, pv = e @ k, f @ v                       # [k, d], [k, d_v]\n"
+           "scores = q @ pk.T / jnp.sqrt(q.shape[-1])   # [T, k]\n"
+           "return jax.nn.softmax(scores, axis=-1) @ pv"),
+    nan_hint="NaN/inf: a softmax written by hand overflows on scores near 1e3; subtract each row's maximum before "
+             "exponentiating (jax.nn.softmax does)",
+    answered_by=("labkit.attention.linformer.linformer_attention",
+                 "labkit.attention.linformer.linformer_self_attention", "labkit.layers.LinformerSelfAttention"),
 ))
 
 
@@ -108,6 +124,7 @@ register(Exercise(
     description="projected attention for a sequence shorter than n: hide padding, pad to n, then project",
     points=2,
     reference=padded_attention_reference,
+    run=run_jitted,
     cases=[
         _pad_case("full length: S = n = 6, nothing hidden", 0, 4, 6, 6, 3, 4),
         _pad_case("shorter: S = 5 keys, n = 8", 10, 5, 5, 8, 3, 4),
@@ -119,14 +136,29 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("padding not hidden before projecting", functools.partial(_padded_with, zero_hidden=False),
-                "E and F mix every position into every projected key: zero the hidden keys and values (where "
-                "valid is False) BEFORE multiplying by E and F, or the padding leaks into all of them"),
+                "E and F mix every position into every projected key: the hidden keys and values must be zero "
+                "BEFORE the projection, or the padding leaks into all of them (a -inf score cannot help: the "
+                "softmax only runs after the mixing)"),
         Mistake("padded at the front", functools.partial(_padded_with, pad_front=True),
-                "position j of the sequence must meet column j of E: append the zeros at the end "
-                "(jnp.pad(k, ((0, n - S), (0, 0)))), not in front (which is the same as using E's last S columns)"),
+                "position j of the sequence must meet column j of E: the zero rows go after the S real ones, "
+                "not in front of them (in front, the tokens meet E's last S columns instead of its first)"),
     ],
-    default_hint="k, v = where(valid, k, 0), where(valid, v, 0); pad both to n rows with zeros at the end; "
-                 "then softmax(q (E k)^T / sqrt(d)) (F v)",
+    default_hint="two things happen before E and F see the sequence: the padding is made harmless (a hidden key "
+                 "or value that is not zero leaks into every projected row), and the sequence is brought to "
+                 "length n, with position j meeting column j of E",
+    hints=("three steps: set the rows of k and v where `valid` is False to zero (`jnp.where`, with `valid` "
+           "broadcast over the features); append n - S rows of zeros at the END of both (`jnp.pad`, n being E's "
+           "last dimension); then call your projected attention through `projected`, defined after Exercise 6.1",
+           "n, s = e.shape[-1], k.shape[0]\n"
+           "k = jnp.where(valid[:, None], k, 0.0)\n"
+           "v = jnp.where(valid[:, None], v, 0.0)\n"
+           "k = jnp.pad(k, ((0, n - s), (0, 0)))\n"
+           "v = jnp.pad(v, ((0, n - s), (0, 0)))\n"
+           "return projected(q, k, v, e, f)"),
+    nan_hint="NaN/inf: the padding holds large values on purpose; zero the hidden keys and values before "
+             "anything multiplies them",
+    answered_by=("labkit.attention.linformer.linformer_attention",
+                 "labkit.attention.linformer.linformer_self_attention", "labkit.layers.LinformerSelfAttention"),
 ))
 
 
@@ -173,5 +205,17 @@ register(Exercise(
         Mistake("heads counted when shared", functools.partial(_params_with, heads_everywhere=True),
                 "only 'none' has one E, F per head; headwise, kv and layerwise share them across heads"),
     ],
-    default_hint="each matrix is proj_k x max_len; count matrices per head, per layer, and E/F separately",
+    default_hint="each matrix is proj_k x max_len numbers; for each mode, count how many matrices there are: "
+                 "per head or shared by the heads, per layer or shared by the layers, and whether keys and values "
+                 "have one each",
+    hints=("'none': an E and an F for every head of every layer; 'headwise': an E and an F per layer, shared by "
+           "its heads; 'kv': one matrix per layer, for keys and values alike; 'layerwise': one matrix for the "
+           "whole model. The count is the number of matrices times the size of one",
+           "if sharing == \"layerwise\":\n"
+           "    return proj_k * max_len\n"
+           "matrices = 1 if sharing == \"kv\" else 2\n"
+           "heads = n_heads if sharing == \"none\" else 1\n"
+           "return n_layers * matrices * heads * proj_k * max_len"),
+    answered_by=("labkit.attention.linformer.num_projection_params", "labkit.attention.linformer.projection_shape",
+                 "labkit.attention.linformer.init_projections", "labkit.layers.LinformerSelfAttention"),
 ))

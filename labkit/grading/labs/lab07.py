@@ -10,6 +10,7 @@ import numpy as np
 
 from labkit.attention.leap import leap_attention, window_scan
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
+from labkit.grading.harness import run_jitted
 from labkit.grading.inputs import normal as _normal
 
 
@@ -71,13 +72,14 @@ register(Exercise(
     description="causal running softmax average of x weighted by focus logits, stable for huge logits",
     points=2,
     reference=running_average_reference,
-    cases=[
+    run=run_jitted,
+    cases=[  # few distinct shapes: each new one costs a compilation
         _average_case("tiny: seq 4, dim 2", 0, 4, 2),
         _average_case("length 1", 10, 1, 3),
         _average_case("seq 9, dim 3", 20, 9, 3),
-        _average_case("large logits: up to ~3e3", 30, 12, 3, scale=1000.0),
-        _average_case("very negative logits only: ~-1e3", 40, 6, 2,
-                      logits=lambda: -1000.0 - np.abs(_normal(41, 6))),
+        _average_case("large logits: up to ~3e3, seq 9", 30, 9, 3, scale=1000.0),
+        _average_case("very negative logits only: ~-1e3, seq 4", 40, 4, 2,
+                      logits=lambda: -1000.0 - np.abs(_normal(41, 4))),
         hidden(_average_case("seq 13, dim 5, logits up to ~300", 50, 13, 5, scale=100.0)),
     ],
     mistakes=[
@@ -90,8 +92,27 @@ register(Exercise(
         Mistake("current position left out", functools.partial(_average_with, exclusive=True),
                 "include position t itself (j <= t, not j < t): the first row is then x[0]"),
     ],
-    default_hint="row t: m = max(logits[:t+1]); w = exp(logits[:t+1] - m); return (w @ x[:t+1]) / w.sum()",
-    nan_hint="NaN/inf: exp() overflowed or 0/0; subtract the running maximum before exp()",
+    default_hint="row t is the softmax(a)-weighted average of x over positions j <= t only; e^a overflows "
+                 "float32 for a > 88 (and is 0 for very negative a, giving 0/0). Carry each prefix as a summary "
+                 "(largest logit so far, sum of e^(a - max), sum of e^(a - max) x), so no exponent is ever "
+                 "positive",
+    hints=("write `combine` first: it merges two summaries by rescaling both to the larger maximum, the formula "
+           "above the exercise. Then all prefixes are ONE `jax.lax.associative_scan` of your `combine` over the "
+           "positions' own summaries (its logit, 1, its row of x), and the average is S / l. Avoid a Python loop "
+           "over t that re-sums each prefix: that is O(T^2) work, the scan O(T)",
+           "def combine(left, right):\n"
+           "    m1, l1, s1 = left\n"
+           "    m2, l2, s2 = right\n"
+           "    m = jnp.maximum(m1, m2)\n"
+           "    c1, c2 = jnp.exp(m1 - m), jnp.exp(m2 - m)\n"
+           "    return m, l1 * c1 + l2 * c2, s1 * c1[..., None] + s2 * c2[..., None]\n\n"
+           "def running_average(logits, x):\n"
+           "    m, l, s = jax.lax.associative_scan(combine, (logits, jnp.ones_like(logits), x))\n"
+           "    return s / l[:, None]"),
+    nan_hint="NaN/inf: exp() overflowed, or a 0/0 where every weight underflowed; carry the running maximum and "
+             "exponentiate only logits minus it",
+    answered_by=("labkit.attention.leap.window_scan", "labkit.attention.leap._combine",
+                 "labkit.attention.leap.leap_attention", "labkit.attention.leap.leap_explain"),
 ))
 
 
@@ -100,14 +121,15 @@ register(Exercise(
     description="softmax average over the last `window` positions, without subtracting prefix sums",
     points=2,
     reference=windowed_average_reference,
-    cases=[
+    run=run_jitted,
+    cases=[  # few distinct (shape, window) pairs: each new one costs a compilation
         _average_case("tiny: seq 5, window 2", 0, 5, 2, window=2),
-        _average_case("window 1: each row is x[t]", 10, 6, 3, window=1),
+        _average_case("window 1: each row is x[t]", 10, 5, 2, window=1),
         _average_case("seq 10, window 4 (does not divide 10)", 20, 10, 3, window=4),
         _average_case("window longer than the sequence: seq 5, window 8", 30, 5, 2, window=8),
-        _average_case("large then small logits: seq 16, window 3", 40, 16, 3, window=3,
-                      logits=lambda: np.concatenate([np.full(6, 40.0), _normal(42, 10)])),
-        _average_case("large logits: up to ~3e3, seq 12, window 5", 50, 12, 2, scale=1000.0, window=5),
+        _average_case("four large then small logits: seq 10, window 4", 40, 10, 3, window=4,
+                      logits=lambda: np.concatenate([np.full(4, 40.0), _normal(42, 6)])),
+        _average_case("large logits: up to ~3e3, seq 10, window 4", 50, 10, 3, scale=1000.0, window=4),
         hidden(_average_case("seq 11, window 3, dim 4, logits up to ~300", 60, 11, 4, scale=100.0, window=3)),
     ],
     mistakes=[
@@ -122,8 +144,24 @@ register(Exercise(
         Mistake("exp without max", functools.partial(_average_with, stable=False),
                 "exp() of logits near 1e3 overflows: subtract the maximum inside each window first"),
     ],
-    default_hint="row t: take logits[t-w+1 : t+1] (clipped at 0), subtract their max, exp, weights @ x / sum",
+    default_hint="row t averages exactly the w positions t - w + 1 .. t (fewer at the start: nothing before 0), "
+                 "with the stable softmax of their own logits. Do not get window sums as a difference of prefix "
+                 "sums: after large early logits it cancels to 0/0",
+    hints=("gather the windows: a [T, w] index array whose row t holds t, t - 1, ..., t - w + 1 (two "
+           "`jnp.arange`s broadcast against each other). Indices below 0 lie outside the sequence: clip them to 0 "
+           "and give them the logit -inf (`jnp.where`). Then every row is a small stable softmax: subtract the "
+           "row's maximum (finite: j = t is always there), exponentiate, weight the gathered rows of x "
+           "(`jnp.einsum`) and divide by the sum of the weights",
+           "t = logits.shape[0]\n"
+           "idx = jnp.arange(t)[:, None] - jnp.arange(window)[None, :]   # [T, w]\n"
+           "valid = idx >= 0\n"
+           "idx = jnp.maximum(idx, 0)\n"
+           "a = jnp.where(valid, logits[idx], -jnp.inf)\n"
+           "e = jnp.exp(a - a.max(axis=1, keepdims=True))\n"
+           "return jnp.einsum(\"tw,twd->td\", e, x[idx]) / e.sum(axis=1, keepdims=True)"),
     nan_hint="NaN/inf: exp() overflowed, or a subtraction of prefix sums went to 0/0",
+    answered_by=("labkit.attention.leap.window_scan", "labkit.attention.leap._combine",
+                 "labkit.attention.leap.leap_attention", "labkit.attention.leap.leap_explain"),
 ))
 
 
@@ -159,12 +197,13 @@ register(Exercise(
     description="one causal LEAP head: focus logits, focused keys and values, sigmoid-gated query",
     points=3,
     reference=leap_head_reference,
-    cases=[
+    run=run_jitted,
+    cases=[  # few distinct (shape, window) pairs: each new one costs a compilation
         _head_case("tiny: seq 4, dim 2, global", 0, 4, 2),
         _head_case("length 1", 10, 1, 4),
         _head_case("seq 8, d 4, dv 6, global", 20, 8, 4, 6),
-        _head_case("seq 9, d 4, window 3", 30, 9, 4, window=3),
-        _head_case("large logits: seq 10, d 8, window 4", 40, 10, 8, window=4, scale=25.0),
+        _head_case("seq 8, d 4, dv 6, window 3", 30, 8, 4, 6, window=3),
+        _head_case("large logits: seq 8, d 4, dv 6, window 3", 40, 8, 4, 6, window=3, scale=25.0),
         hidden(_head_case("seq 11, d 3, dv 5, window 2", 50, 11, 3, 5, window=2)),
     ],
     mistakes=[
@@ -177,8 +216,22 @@ register(Exercise(
         Mistake("window one too long", functools.partial(_leap_head_with, extra=1),
                 "the window holds exactly `window` positions: t - window + 1 .. t"),
     ],
-    default_hint="a = (f*k).sum(-1)/sqrt(d); K~, V~ = running softmax(a) averages of k, v; "
-                 "out = sigmoid((q*K~).sum(-1)/sqrt(d))[:, None] * V~",
+    default_hint="three parts, in order: each position's focus logit (its own focus vector against its own key, "
+                 "scaled by 1/sqrt(d)); the focused key and value K~_t, V~_t (softmax(a)-weighted averages over "
+                 "the prefix, or over the window); the query gate sigmoid(q_t . K~_t / sqrt(d)) times V~_t",
+    hints=("use your functions from Exercises 7.1 and 7.2 through `running_avg` and `windowed_avg` (defined "
+           "after their check cells). One call averages k and v together if you concatenate them along the "
+           "features ([T, d + d_v]) and split the result at d. A dot product per position is an elementwise "
+           "product summed over the last axis",
+           "d = q.shape[-1]\n"
+           "a = (f * k).sum(-1) / jnp.sqrt(d)\n"
+           "kv = jnp.concatenate([k, v], axis=1)\n"
+           "avg = running_avg(a, kv) if window is None else windowed_avg(a, kv, window)\n"
+           "k_avg, v_avg = avg[:, :d], avg[:, d:]\n"
+           "gate = jax.nn.sigmoid((q * k_avg).sum(-1) / jnp.sqrt(d))\n"
+           "return gate[:, None] * v_avg"),
+    answered_by=("labkit.attention.leap.leap_attention", "labkit.attention.leap.leap_explain",
+                 "labkit.layers.LEAPSelfAttention"),
 ))
 
 
@@ -197,7 +250,16 @@ def leap_step_reference(state, q_t, f_t, k_t, v_t):
 
 
 def run_steps(step, args, kwargs):
-    """Run `step` over a whole sequence from the empty state; return the stacked outputs `[T, dv]`."""
+    """Run `step` over a whole sequence from the empty state; return the stacked outputs `[T, dv]`.
+
+    The step is jit-compiled (one compilation per case); a step `jit` cannot trace runs as written."""
+    try:
+        return _steps(jax.jit(step), args)
+    except Exception:  # noqa: BLE001 - run it eagerly: its own error (if any) is the one to report
+        return _steps(step, args)
+
+
+def _steps(step, args):
     q, f, k, v = args
     state = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros(q.shape[1], jnp.float32),
              jnp.zeros(v.shape[1], jnp.float32))
@@ -243,9 +305,9 @@ register(Exercise(
     run=run_steps,
     cases=[
         _step_case("tiny: 3 steps, dim 2", 0, 3, 2),
-        _step_case("one step", 10, 1, 4),
+        _step_case("one step, d 4, dv 5", 10, 1, 4, 5),
         _step_case("12 steps, d 4, dv 5", 20, 12, 4, 5),
-        _step_case("large logits: 10 steps, logits up to ~2e3", 30, 10, 8, scale=25.0),
+        _step_case("large logits: 10 steps, d 4, dv 5, logits up to ~1e3", 30, 10, 4, 5, scale=25.0),
         hidden(_step_case("9 steps, d 3, dv 6", 40, 9, 3, 6, scale=3.0)),
     ],
     mistakes=[
@@ -258,6 +320,22 @@ register(Exercise(
         Mistake("no running max", functools.partial(_step_with, stable=False),
                 "exp(a) overflows for logits near 1e3: keep a running maximum m and store sums scaled by exp(-m)"),
     ],
-    default_hint="m' = max(m, a); scale old sums by exp(m - m'); add exp(a - m') * (1, k_t, v_t); "
-                 "out = sigmoid(q_t . K~ / sqrt(d)) * V~ with K~ = k_sum / l, V~ = v_sum / l",
+    default_hint="a step does two things, in this order: fold the new token into the summary (its focus logit, "
+                 "the new running maximum, the rescaled sums), then read the focused key and value from the "
+                 "UPDATED sums for the gate and the output. The empty state is m = -inf, l = 0, sums 0",
+    hints=("the fold is the update formula above the exercise: the new maximum is the larger of m and the token's "
+           "logit a; the old l, k_sum and v_sum are multiplied by e^(m - new max), and e^(a - new max) times "
+           "(1, k_t, v_t) is added. Then K~ = k_sum / l and V~ = v_sum / l; the output is "
+           "sigmoid(q_t . K~ / sqrt(d)) times V~, returned with the new state (m, l, k_sum, v_sum)",
+           "m, l, k_sum, v_sum = state\n"
+           "d = q_t.shape[-1]\n"
+           "a = jnp.dot(f_t, k_t) / jnp.sqrt(d)\n"
+           "new_m = jnp.maximum(m, a)\n"
+           "old, new = jnp.exp(m - new_m), jnp.exp(a - new_m)\n"
+           "l, k_sum, v_sum = l * old + new, k_sum * old + new * k_t, v_sum * old + new * v_t\n"
+           "gate = jax.nn.sigmoid(jnp.dot(q_t, k_sum / l) / jnp.sqrt(d))\n"
+           "return (new_m, l, k_sum, v_sum), gate * v_sum / l"),
+    nan_hint="NaN/inf: exp() of a large logit overflowed, or the state was read before the token was added "
+             "(0/0 at the first step); keep the running maximum and add before you read",
+    answered_by=("labkit.attention.leap.leap_step", "labkit.attention.leap.generate"),
 ))
