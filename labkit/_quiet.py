@@ -94,6 +94,7 @@ def install() -> None:
     # tqdm.auto falls back to a text bar without ipywidgets; its warning about that is noise here.
     warnings.filterwarnings("ignore", message="IProgress not found")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # e.g. "Assets written to" on every SavedModel export
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     if not any(isinstance(f, _ImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _ImportHook())

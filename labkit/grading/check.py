@@ -88,11 +88,15 @@ class Grader:
             raise RuntimeError(f"the reference failed: {result.error!r}" if result.error else "the reference hung")
         return result.value
 
-    def recognise(self, case: Case, got: Any) -> tuple[str, str]:
-        """`(mistake name, hint)` of the registered mistake whose output equals `got`, else blanks."""
+    def recognise(self, case: Case, got: Any, expected: Any) -> tuple[str, str]:
+        """`(mistake name, hint)` of the registered mistake whose output equals `got`, else blanks.
+
+        A mistake that gives the right answer on this case says nothing about it, so it is not considered.
+        """
         for mistake in self.exercise.mistakes:
             wrong = self._known_output(case, f"mistake {mistake.name}", mistake.candidate)
-            if wrong.ok and same_output(got, wrong.value, atol=case.atol, rtol=case.rtol):
+            if (wrong.ok and same_output(got, wrong.value, atol=case.atol, rtol=case.rtol)
+                    and compare(expected, wrong.value, atol=case.atol, rtol=case.rtol) is not None):
                 return mistake.name, mistake.hint
         return "", ""
 
@@ -124,7 +128,7 @@ class Grader:
         mismatch = compare(expected, result.value, atol=case.atol, rtol=case.rtol)
         if mismatch is None:
             return CaseResult(case.name, "ok", _printed_note(result), hidden=case.hidden)
-        name, hint = self.recognise(case, result.value)
+        name, hint = self.recognise(case, result.value, expected)
         if not hint:
             hint = self.exercise.nan_hint if mismatch.kind == "nan" else self.exercise.default_hint
         return CaseResult(case.name, "fail", mismatch.lines + _printed_note(result), hint, case.hidden, name)

@@ -16,16 +16,23 @@ import jax
 from labkit.grading.explain import guard_forward_unbatched
 
 
+def _static(value: Any) -> bool:
+    return value is None or callable(value) or isinstance(value, (bool, int, str))
+
+
 def run_jitted(candidate: Callable, args: tuple, kwargs: dict) -> Any:
-    """Run a function candidate jit-compiled (Python ints, bools, strings and None stay static).
+    """Run a function candidate jit-compiled (arguments that are Python scalars, None or functions stay static).
 
     One compilation per case instead of one per operation, so a check answers in a second or two. Code that
     `jit` cannot trace (a Python `if` on values, numpy calls) runs again as written, so the learner sees the
     error their own code raises, if any.
     """
-    static = tuple(i for i, a in enumerate(args) if a is None or isinstance(a, (bool, int, str)))
+    positions = tuple(i for i, a in enumerate(args) if _static(a))
+    names = tuple(name for name, value in kwargs.items() if _static(value))
+    if len(positions) == len(args) and len(names) == len(kwargs):
+        return candidate(*args, **kwargs)  # no array argument: nothing to compile (and ints stay Python ints)
     try:
-        return jax.jit(candidate, static_argnums=static)(*args, **kwargs)
+        return jax.jit(candidate, static_argnums=positions, static_argnames=names)(*args, **kwargs)
     except Exception:  # noqa: BLE001 - run it eagerly: its own error (if any) is the one to report
         return candidate(*args, **kwargs)
 

@@ -12,7 +12,7 @@ from labkit.attention.dense import causal_mask as dense_causal_mask
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.local import local_attention as labkit_local_attention
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
-from labkit.grading.harness import LazyTraxLayer, run_with_weights_of, self_attention_with
+from labkit.grading.harness import LazyTraxLayer, run_jitted, run_with_weights_of, self_attention_with
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -74,6 +74,7 @@ def _mask_with_hidden_row():
 
 register(Exercise(
     id="lab01.attention",
+    run=run_jitted,
     description="scaled dot-product attention for one head, stable softmax, optional mask",
     points=3,
     reference=attention_reference,
@@ -90,23 +91,42 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("missing scale", functools.partial(_attention_with, scale=False),
-                "divide the scores by sqrt(d), the query/key dimension, before the softmax"),
+                "the scores are not scaled: divide them by sqrt(d), d being the query/key dimension, before "
+                "the softmax"),
         Mistake("softmax over queries", functools.partial(_attention_with, axis=0),
-                "the softmax runs over the keys, i.e. along each row (axis=-1), so every row sums to 1"),
+                "the softmax runs over the keys, i.e. along each row of scores (one row per query), so that "
+                "every row of weights sums to 1"),
         Mistake("-inf mask", functools.partial(_attention_with, fill=-jnp.inf),
-                "a row whose keys are all hidden turns into 0/0 = NaN: fill hidden scores with a large finite "
-                "negative number such as -1e9 (not -inf) and subtract the row maximum before exp()"),
+                "a row whose keys are all hidden turns into 0/0 = NaN: give hidden scores a large finite "
+                "negative value (the text above suggests one), not minus infinity"),
         Mistake("naive softmax", functools.partial(_attention_with, softmax=_naive_softmax),
-                "exp() of scores near 1e4 overflows: subtract each row's maximum (or use logsumexp) first"),
+                "exp() of scores near 1e4 overflows float32: shift each row by its maximum before "
+                "exponentiating (the softmax does not change)"),
         Mistake("logsumexp of a hidden row", functools.partial(_attention_with, softmax=_logsumexp_softmax),
-                "in float32, -1e9 - logsumexp(row) rounds to 0 when the whole row is -1e9, so every weight becomes "
-                "1: subtract the row maximum, exponentiate, then divide by the row sum (as jax.nn.softmax does)"),
+                "in float32, -1e9 minus the logsumexp of a row that is entirely -1e9 rounds to 0, so every "
+                "weight of that row becomes 1: normalise by dividing by the row's sum instead"),
         Mistake("mask after softmax", functools.partial(_attention_with, mask_after=True),
                 "hide keys before the softmax (set their scores very negative); zeroing probabilities "
                 "afterwards leaves rows that no longer sum to 1"),
     ],
-    default_hint="scores = q k^T / sqrt(d); hide masked scores; softmax along each row; multiply by v",
-    nan_hint="NaN/inf means exp() overflowed or a row was all -inf: subtract the row max, fill with -1e9",
+    default_hint="compare your steps with the four in the text: scale the scores, hide the masked ones, a "
+                 "stable softmax over the keys, then the weighted sum of the values; print the shape after "
+                 "each step",
+    hints=(
+        "the scores are the queries' dot products with the keys, [T, S], divided by sqrt(d); hidden ones get "
+        "a large negative value before the softmax; the stable softmax subtracts each row's maximum, "
+        "exponentiates and divides by the row's sum (axis -1); the output is the weights times v",
+        "scores = q @ k.T / jnp.sqrt(q.shape[-1])\n"
+        "if mask is not None:\n"
+        "    scores = jnp.where(mask, scores, -1e9)\n"
+        "scores = scores - jnp.max(scores, axis=-1, keepdims=True)\n"
+        "weights = jnp.exp(scores)\n"
+        "return (weights / jnp.sum(weights, axis=-1, keepdims=True)) @ v",
+    ),
+    nan_hint="NaN or inf means exp() overflowed, or a row had no visible key and became 0/0: shift each row by "
+             "its maximum before exponentiating, and give hidden scores a large finite negative value",
+    answered_by=("labkit.attention.dense.dot_product_attention", "labkit.attention.dense.attention_weights",
+                 "labkit.layers.DotProductSelfAttention"),
 ))
 
 
@@ -119,6 +139,7 @@ def causal_mask_reference(n):
 
 register(Exercise(
     id="lab01.causal_mask",
+    run=run_jitted,
     description="the boolean causal mask: position i may attend to j <= i",
     points=1,
     reference=causal_mask_reference,
@@ -126,13 +147,21 @@ register(Exercise(
     + [hidden(Case("n = 17", lambda: ((17,), {})))],
     mistakes=[
         Mistake("float mask", lambda n: jnp.tril(jnp.ones((n, n), jnp.float32)),
-                "return a boolean array (True = may attend), e.g. jnp.tril(jnp.ones((n, n), dtype=bool))"),
+                "the mask holds the right pattern as numbers: return booleans (True = may attend), i.e. build "
+                "the array with dtype bool"),
         Mistake("upper triangle", lambda n: jnp.triu(jnp.ones((n, n), bool)),
                 "rows are queries, columns are keys: keep the lower triangle (j <= i), not the upper one"),
         Mistake("diagonal excluded", lambda n: jnp.tril(jnp.ones((n, n), bool), k=-1),
                 "a position may attend to itself: keep the diagonal (j <= i, not j < i)"),
     ],
-    default_hint="True where the key position j is at or before the query position i",
+    default_hint="row i is query i and column j is key j: True exactly where j <= i (the diagonal included), "
+                 "as a boolean array of shape [n, n]",
+    hints=(
+        "that pattern is the lower triangle of an n x n matrix of ones; jnp.tril keeps it, and the dtype "
+        "argument of jnp.ones makes it boolean",
+        "return jnp.tril(jnp.ones((n, n), dtype=bool))",
+    ),
+    answered_by=("labkit.attention.dense.causal_mask",),
 ))
 
 
@@ -175,23 +204,35 @@ register(Exercise(
         Mistake("missing scale", _layer_mistake(scale=False),
                 "your attention must scale the scores by 1/sqrt(d_qk), as Trax does"),
     ],
-    default_hint="per head: q, k, v = x @ w_q, x @ w_k, x @ w_v; return (attention(q, k, v, mask) @ w_o, state)",
+    default_hint="forward_unbatched sees one example and one head: project x to the head's queries, keys and "
+                 "values, attend (causally when self._causal is set), map back with w_o, and return the pair "
+                 "(output, state)",
+    hints=(
+        "unpack weights into w_q, w_k, w_v, w_o; each projection is x times one of them; build the mask with "
+        "`causal` only when self._causal is True (None otherwise); call `attend`; multiply its result by w_o; "
+        "return it together with the state you were given",
+        "w_q, w_k, w_v, w_o = weights\n"
+        "q, k, v = x @ w_q, x @ w_k, x @ w_v\n"
+        "mask = causal(x.shape[0]) if self._causal else None\n"
+        "return attend(q, k, v, mask) @ w_o, state",
+    ),
+    answered_by=("labkit.layers.DotProductSelfAttention",),
 ))
 
 
 # ---------------------------------------------------------------- 4. chunked local attention
 
-def local_attention_reference(q, k, v, chunk_len, n_chunks_before=1, causal=True):
+def local_attention_reference(q, k, v, chunk_len, n_chunks_before=1, is_causal=True):
     """One head `[T, H]`: attend within each chunk and `n_chunks_before` previous ones (wrapping), as Trax."""
-    return labkit_local_attention(q[:, None], k[:, None], v[:, None], is_causal=causal, chunk_len=chunk_len,
+    return labkit_local_attention(q[:, None], k[:, None], v[:, None], is_causal=is_causal, chunk_len=chunk_len,
                                   n_chunks_before=n_chunks_before)[:, 0]
 
 
-def _local_with(q, k, v, chunk_len, n_chunks_before=1, causal=True, *, before=None, after=0, scale=None,
+def _local_with(q, k, v, chunk_len, n_chunks_before=1, is_causal=True, *, before=None, after=0, scale=None,
                 wrap_mask=False):
     """A wrong local attention: other chunk offsets, scale, or a causal mask that misses wrapped chunks."""
     before = n_chunks_before if before is None else before
-    out = labkit_local_attention(q[:, None], k[:, None], v[:, None], is_causal=causal and not wrap_mask,
+    out = labkit_local_attention(q[:, None], k[:, None], v[:, None], is_causal=is_causal and not wrap_mask,
                                  chunk_len=chunk_len, n_chunks_before=before, n_chunks_after=after,
                                  scale=scale)[:, 0]
     if not wrap_mask:
@@ -208,15 +249,16 @@ def _local_with(q, k, v, chunk_len, n_chunks_before=1, causal=True, *, before=No
     return jnp.einsum("clw,cwh->clh", jax.nn.softmax(s, -1), vw).reshape(t, -1)
 
 
-def _local_case(name, seed, t, h, chunk_len, n_chunks_before=1, causal=True):
+def _local_case(name, seed, t, h, chunk_len, n_chunks_before=1, is_causal=True):
     def inputs():
         q, k, v = _normal(seed, t, h), _normal(seed + 1, t, h), _normal(seed + 2, t, h)
-        return (q, k, v, chunk_len), {"n_chunks_before": n_chunks_before, "causal": causal}
+        return (q, k, v, chunk_len), {"n_chunks_before": n_chunks_before, "is_causal": is_causal}
     return Case(name, inputs, atol=1e-5, rtol=1e-4)
 
 
 register(Exercise(
     id="lab01.local_attention",
+    run=run_jitted,
     description="chunked local attention with look-adjacent chunks, matching tl.SelfAttention(chunk_len=...)",
     points=3,
     reference=local_attention_reference,
@@ -226,21 +268,38 @@ register(Exercise(
         _local_case("one chunk holds the whole sequence (seq 6)", 20, 6, 4, 6),
         _local_case("chunk_len 1: each position sees itself and the one before", 30, 5, 2, 1),
         _local_case("not causal, seq 8, chunks of 2: chunk 0 wraps around to the last chunk", 40, 8, 4, 2,
-                    causal=False),
+                    is_causal=False),
         _local_case("seq 32, chunks of 8, dim 16", 50, 32, 16, 8),
         hidden(_local_case("seq 15, chunks of 5, causal, two chunks back, dim 3", 60, 15, 3, 5, 2)),
     ],
     mistakes=[
         Mistake("no look-back", functools.partial(_local_with, before=0),
-                "each chunk must also attend to the n_chunks_before chunks before it (look_adjacent)"),
+                "each chunk must also attend to the n_chunks_before chunks before it, not only to itself"),
         Mistake("looks ahead", functools.partial(_local_with, before=0, after=1),
-                "the extra chunks are the previous ones: roll the chunks forward (chunk c sees c-1), not c+1"),
+                "the extra chunks are the previous ones (chunk c sees chunk c-1), not the next ones: check the "
+                "direction of your roll"),
         Mistake("causal only inside the chunk", functools.partial(_local_with, wrap_mask=True),
                 "mask by position, not by place in the window: chunk 0's 'previous' chunk wraps around to the "
                 "end of the sequence and must be hidden when causal"),
     ],
-    default_hint="reshape to [n_chunks, chunk_len, d], concatenate each chunk with the previous one(s), and "
-                 "mask with the true positions (key position <= query position when causal)",
+    default_hint="each query chunk scores its own chunk and the n_chunks_before chunks before it (wrapping "
+                 "around), and with is_causal hides keys whose true position is after the query's",
+    hints=(
+        "follow the recipe's three steps: reshape q, k, v and the positions 0..T-1 into chunks; build each "
+        "chunk's window of keys, values and key positions with jnp.roll along the chunk axis and a "
+        "concatenation along the position axis (oldest chunk first); score, mask by position, softmax, "
+        "weight the values and reshape back",
+        "n_chunks = q.shape[0] // chunk_len\n"
+        "positions = jnp.arange(q.shape[0]).reshape(n_chunks, chunk_len)\n"
+        "def with_previous(a):  # [n_chunks, chunk_len, ...] -> [n_chunks, (1 + n_before) * chunk_len, ...]\n"
+        "    return jnp.concatenate([jnp.roll(a, i, axis=0) for i in range(n_chunks_before, 0, -1)] + [a], axis=1)\n"
+        "k_window = with_previous(k.reshape(n_chunks, chunk_len, -1))   # v_window, k_positions alike\n"
+        "scores = jnp.einsum('cld,cwd->clw', q.reshape(n_chunks, chunk_len, -1), k_window) / jnp.sqrt(q.shape[-1])\n"
+        "if is_causal:\n"
+        "    scores = jnp.where(k_positions[:, None, :] <= positions[:, :, None], scores, -1e9)\n"
+        "out = jnp.einsum('clw,cwd->cld', jax.nn.softmax(scores, axis=-1), v_window).reshape(q.shape[0], -1)",
+    ),
+    answered_by=("labkit.attention.local.local_attention",),
 ))
 
 
@@ -253,23 +312,33 @@ def score_matrix_bytes_reference(batch, heads, seq_len, bytes_per_value=4):
 
 register(Exercise(
     id="lab01.score_memory",
+    run=run_jitted,
     description="predict the bytes of the attention score matrix from batch, heads and length",
     points=1,
     reference=score_matrix_bytes_reference,
     cases=[
-        Case("batch 1, 1 head, seq 1024", lambda: ((1, 1, 1024), {})),
+        # No registered mistake gives the right number on a case a learner sees, so a right count of the
+        # wrong type (a float) is never taken for one of them.
+        Case("batch 1, 2 heads, seq 1024", lambda: ((1, 2, 1024), {})),
         Case("batch 8, 4 heads, seq 4096", lambda: ((8, 4, 4096), {})),
         Case("batch 2, 8 heads, seq 16384, float16", lambda: ((2, 8, 16384), {"bytes_per_value": 2})),
-        Case("batch 1, 1 head, seq 1", lambda: ((1, 1, 1), {})),
+        Case("batch 4, 3 heads, seq 100, float64", lambda: ((4, 3, 100), {"bytes_per_value": 8})),
         hidden(Case("batch 3, 6 heads, seq 1000, float64", lambda: ((3, 6, 1000), {"bytes_per_value": 8}))),
     ],
     mistakes=[
         Mistake("length not squared", lambda b, h, n, bytes_per_value=4: b * h * n * bytes_per_value,
-                "every query has a score for every key: the matrix is seq_len x seq_len"),
+                "every query has a score for every key: the matrix is seq_len by seq_len, not seq_len long"),
         Mistake("per example and head", lambda b, h, n, bytes_per_value=4: n * n * bytes_per_value,
                 "there is one score matrix per example and per head: multiply by batch and heads"),
         Mistake("bits", lambda b, h, n, bytes_per_value=4: b * h * n * n * bytes_per_value * 8,
                 "count bytes, not bits: a float32 value takes 4 bytes"),
     ],
-    default_hint="batch x heads x seq_len x seq_len values, each bytes_per_value bytes",
+    default_hint="count the values first (how many score matrices, and how many scores in each), then the "
+                 "bytes each value takes; if only the large cases fail, your count may have wrapped around "
+                 "(an int32 holds at most 2**31 - 1, about 2.1e9; Python ints never wrap)",
+    hints=(
+        "there is one [seq_len, seq_len] matrix per example and per head, and each value takes "
+        "bytes_per_value bytes: multiply those counts with integer arithmetic",
+        "return batch * heads * seq_len * seq_len * bytes_per_value",
+    ),
 ))

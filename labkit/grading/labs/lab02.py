@@ -12,7 +12,7 @@ from labkit.attention.local import length_normalized, look_adjacent
 from labkit.attention.lsh import (chunked_lsh_attention, combine_hash_rounds, hash_vectors, lsh_attention_head,
                                   lsh_buckets, sort_by_bucket, unsort)
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
-from labkit.grading.harness import LazyTraxLayer, run_with_weights_of, trax_layer
+from labkit.grading.harness import LazyTraxLayer, run_jitted, run_with_weights_of, trax_layer
 from labkit.grading.inputs import layer_case as _layer_case, normal as _normal
 
 
@@ -47,6 +47,7 @@ def _hash_case(name, seed, t, h, n_buckets, n_hashes, scale=1.0):
 
 register(Exercise(
     id="lab02.hash_vectors",
+    run=run_jitted,
     description="angular LSH: random rotations, argmax over [xR, -xR], one bucket per position and round",
     points=2,
     reference=hash_vectors_reference,
@@ -63,13 +64,23 @@ register(Exercise(
                 "take the argmax over the concatenation [xR, -xR] of n_buckets // 2 rotated coordinates: the "
                 "sign matters, and it gives n_buckets choices"),
         Mistake("rotations in another shape", functools.partial(_hash_with, shape="rounds first"),
-                "draw the rotations with jax.random.normal(rng, (dim, n_hashes, n_buckets // 2)): the same rng "
-                "only gives Trax's numbers in that shape"),
+                "the rotations are drawn in another shape: the same rng gives Trax's numbers only in the shape "
+                "(dim, n_hashes, n_buckets // 2), in that order"),
         Mistake("one rotation for all rounds", functools.partial(_hash_with, shape="shared"),
                 "each hash round needs its own random rotation, or all rounds give the same buckets"),
     ],
-    default_hint="rotations R ~ normal(rng, (dim, n_hashes, n_buckets // 2)); rotated = einsum('tf,fhb->htb', x, R); "
-                 "bucket = argmax(concatenate([rotated, -rotated], -1), -1) as int32",
+    default_hint="each round draws its own random rotation of n_buckets // 2 directions; a vector's bucket is "
+                 "the half-axis (+R_j or -R_j) it points along most, as an int32 id per round and position",
+    hints=(
+        "draw all rotations at once with jax.random.normal in the shape the text gives, rotate the vectors "
+        "with the einsum the text gives (the result is [n_hashes, T, n_buckets // 2]), put the rotated "
+        "coordinates and their negatives side by side, and take the index of the largest along the last axis",
+        "rotations = jax.random.normal(rng, (vecs.shape[-1], n_hashes, n_buckets // 2))\n"
+        "rotated = jnp.einsum('tf,fhb->htb', vecs, rotations)\n"
+        "rotated = jnp.concatenate([rotated, -rotated], axis=-1)\n"
+        "return jnp.argmax(rotated, axis=-1).astype(jnp.int32)",
+    ),
+    answered_by=("labkit.attention.lsh.hash_vectors", "labkit.attention.lsh.lsh_buckets"),
 ))
 
 
@@ -111,6 +122,7 @@ def _sort_case(name, seed, t, n_buckets, n_hashes, constant=False):
 
 register(Exercise(
     id="lab02.sort_buckets",
+    run=run_jitted,
     description="offset each round's bucket ids, sort by (bucket, position), and build the inverse permutation",
     points=2,
     reference=sort_buckets_reference,
@@ -124,12 +136,26 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("no round offsets", functools.partial(_sort_with, offsets=False),
-                "add r * n_buckets to the ids of round r before sorting, so each round stays a block of its own"),
+                "the rounds are mixed together: offset round r's bucket ids by r * n_buckets before sorting, so "
+                "that each round stays a block of its own"),
         Mistake("undo = order", functools.partial(_sort_with, undo_is_order=True),
-                "undo must be the inverse permutation of order (undo[order[i]] = i), e.g. jnp.argsort(order)"),
+                "undo must be the inverse permutation of order (undo[order[i]] = i for every i), not order "
+                "itself: think of what sorting a permutation gives"),
     ],
-    default_hint="ids = buckets + r * n_buckets for round r, flattened; order = argsort(seq_len * ids + position); "
-                 "undo = argsort(order)",
+    default_hint="items are sorted by (offset bucket, position): round r's ids are offset by r * n_buckets, "
+                 "ties keep the original order, and undo is the inverse permutation of order",
+    hints=(
+        "offset the ids per round and flatten them to [n_hashes * T]; the sort key is the integer "
+        "seq_len * offset bucket + position, where an item's position is its flat index modulo seq_len; "
+        "jnp.argsort of the key gives order, and of order gives undo (both int32)",
+        "n_hashes, seq_len = buckets.shape\n"
+        "offsets = jnp.arange(n_hashes, dtype=jnp.int32)[:, None] * n_buckets\n"
+        "ids = (buckets + offsets).reshape(-1)\n"
+        "ticker = jnp.arange(n_hashes * seq_len, dtype=jnp.int32)\n"
+        "order = jnp.argsort(seq_len * ids + ticker % seq_len).astype(jnp.int32)\n"
+        "return order, jnp.argsort(order).astype(jnp.int32)",
+    ),
+    answered_by=("labkit.attention.lsh.sort_by_bucket",),
 ))
 
 
@@ -176,6 +202,7 @@ def _chunk_case(name, seed, t, n_hashes, h, chunk_len, causal, before=1):
 
 register(Exercise(
     id="lab02.chunk_attention",
+    run=run_jitted,
     description="attention within each chunk of sorted items and the chunk before: self-mask, causal mask, logsumexp",
     points=3,
     reference=chunk_attention_reference,
@@ -191,20 +218,41 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("no self-mask", functools.partial(_chunk_attention_with, self_mask=False),
-                "with shared QK a query always scores highest against itself: subtract 1e5 from the scores where "
-                "the query's position equals the key's position"),
-        Mistake("causal by sorted index", functools.partial(_chunk_attention_with, causal_by_index=True),
+                "with shared QK a query always scores highest against itself: apply the soft self-mask (the "
+                "text gives its size) where the query's original position equals the key's"),
+        Mistake("causal by sorted index",
+                functools.partial(_chunk_attention_with, causal_by_index=True),
                 "after sorting, an item's index is not its position: compare the original positions "
                 "(the `positions` array, looked-adjacent like the keys) for the causal mask"),
-        Mistake("keys not length-normalised", functools.partial(_chunk_attention_with, normalise=False),
-                "the keys are the queries scaled to unit RMS (length_normalized), then divided by sqrt(d)"),
+        Mistake("keys not length-normalised",
+                functools.partial(_chunk_attention_with, normalise=False),
+                "the keys are not the raw queries: they are the queries scaled to unit RMS (length_normalized), "
+                "then divided by sqrt(d)"),
         Mistake("no look-back", functools.partial(_chunk_attention_with, before=0),
-                "each chunk must also attend to the previous chunk (look_adjacent(x, 1, 0)): a bucket may be cut "
-                "by a chunk boundary"),
+                "each chunk must also attend to the n_chunks_before chunks before it (keys, values and key "
+                "positions alike): a bucket may be cut by a chunk boundary"),
     ],
-    default_hint="reshape to [n_chunks, chunk_len, d]; keys = length_normalized(q) / sqrt(d) looked-adjacent; "
-                 "dots - 1e9 * (q_pos < kv_pos) if causal - 1e5 * (q_pos == kv_pos); return softmax @ v and the "
-                 "logsumexp of each row",
+    default_hint="check each step of the text in turn: chunks, length-normalised and scaled keys with their "
+                 "look-back, the causal mask on original positions, the soft self-mask, then the softmax and "
+                 "each row's logsumexp",
+    hints=(
+        "reshape sq, sv and positions into chunks of chunk_len; the keys are length_normalized of the query "
+        "chunks divided by sqrt(d); look_adjacent(..., n_chunks_before, 0) gives each chunk its window of "
+        "keys, values and key positions; subtract the masks from the scores, then take jax.nn.logsumexp over "
+        "the window and exponentiate the difference for the weights",
+        "chunks = lambda a: a.reshape(-1, chunk_len, *a.shape[1:])\n"
+        "q, q_pos = chunks(sq), chunks(positions)\n"
+        "k = look_adjacent(length_normalized(q) / jnp.sqrt(sq.shape[-1]), n_chunks_before, 0)\n"
+        "v, kv_pos = look_adjacent(chunks(sv), n_chunks_before, 0), look_adjacent(q_pos, n_chunks_before, 0)\n"
+        "dots = jnp.einsum('cld,cwd->clw', q, k)\n"
+        "if is_causal:\n"
+        "    dots = dots - 1e9 * (q_pos[:, :, None] < kv_pos[:, None, :])\n"
+        "dots = dots - 1e5 * (q_pos[:, :, None] == kv_pos[:, None, :])\n"
+        "lse = jax.nn.logsumexp(dots, axis=-1, keepdims=True)\n"
+        "out = jnp.einsum('clw,cwd->cld', jnp.exp(dots - lse), v)\n"
+        "return out.reshape(-1, out.shape[-1]), lse.reshape(-1)",
+    ),
+    answered_by=("labkit.attention.lsh.chunked_lsh_attention",),
 ))
 
 
@@ -246,6 +294,7 @@ def _combine_case(name, seed, t, n_hashes, hv, lse_scale=1.0):
 
 register(Exercise(
     id="lab02.unsort_and_combine",
+    run=run_jitted,
     description="put sorted outputs back in order and combine the hash rounds weighted by their logsumexp",
     points=2,
     reference=unsort_and_combine_reference,
@@ -260,21 +309,39 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("un-sorts with the sorting permutation", functools.partial(_combine_with, perm="order"),
-                "x_sorted = x[order], so x = x_sorted[undo]: un-sort with the inverse permutation undo, not order"),
+                "x_sorted = x[order], so un-sorting needs the inverse permutation (undo), not order"),
         Mistake("plain average of rounds", functools.partial(_combine_with, weights="mean"),
-                "rounds are not equally good: weight round r by exp(lse_r - logsumexp over rounds), the share of "
-                "the softmax mass that round saw"),
+                "the rounds are not equally good: weight each round by its share of the softmax mass, which "
+                "its logsumexp measures"),
         Mistake("softmax over positions", functools.partial(_combine_with, weights="over positions"),
                 "normalise the weights over the rounds (axis 0 of [n_hashes, T]), not over the positions"),
         Mistake("exp without subtracting the maximum", functools.partial(_combine_with, weights="naive"),
-                "exp(lse) overflows for large logsumexps: use exp(lse - logsumexp(lse, axis=0)) (jax.nn.softmax)"),
+                "exp of a logsumexp near 1e3 overflows float32: subtract the logsumexp over the rounds (or their "
+                "maximum) before exponentiating"),
     ],
-    default_hint="o = so[undo].reshape(n_hashes, T, -1); lse = slse[undo].reshape(n_hashes, T); "
-                 "w = softmax(lse, axis=0); return sum over rounds of o * w[..., None]",
+    default_hint="two steps: put the sorted outputs and logsumexps back in their original order, then add up "
+                 "the rounds, each weighted by its share of the softmax mass",
+    hints=(
+        "index the sorted arrays with undo and view them as [n_hashes, T, d_v] and [n_hashes, T]; the weights "
+        "are a softmax of the logsumexps over the rounds (axis 0), computed stably; sum the weighted outputs "
+        "over axis 0",
+        "o = so[undo].reshape(n_hashes, -1, so.shape[-1])\n"
+        "lse = slse[undo].reshape(n_hashes, -1)\n"
+        "weights = jnp.exp(lse - jax.nn.logsumexp(lse, axis=0, keepdims=True))\n"
+        "return jnp.sum(o * weights[..., None], axis=0)",
+    ),
+    answered_by=("labkit.attention.lsh.unsort", "labkit.attention.lsh.combine_hash_rounds"),
 ))
 
 
 # ---------------------------------------------------------------- 5. the tl.LSHSelfAttention subclass
+
+def _labkit_lsh_layer() -> type:
+    """labkit's finished layer, what later cells use while the learner's does not pass (imports Trax)."""
+    from labkit.layers import LSHSelfAttention
+
+    return LSHSelfAttention
+
 
 # The layer must also store the hashes it used in its state: graded are (output, new bucket ids).
 run_lsh_layer = run_with_weights_of("LSHSelfAttention", lambda output, state: (output, state[0]))
@@ -324,6 +391,7 @@ register(Exercise(
     reference=LazyTraxLayer("LSHSelfAttention"),
     run=run_lsh_layer,
     expects_class=True,
+    fallback=_labkit_lsh_layer,
     cases=[
         _layer_case("one head, 1 round, seq 8, chunks of 4", 0, 1, 8, 8, n_heads=1, d_qk=4, d_v=4, chunk_len=4,
                     n_buckets=2, n_hashes=1),
@@ -340,13 +408,36 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("no self-mask", _layer_mistake(self_mask=False),
-                "mask each query's own position (subtract 1e5): with shared QK it would attend mostly to itself"),
+                "the self-mask is missing: with shared QK each query would attend mostly to itself"),
         Mistake("plain average of rounds", _layer_mistake(combine="mean"),
-                "combine the hash rounds weighted by softmax over rounds of their logsumexps, not a plain mean"),
+                "the hash rounds are averaged: weight them by their logsumexps, as in exercise 2.4"),
         Mistake("state not updated", _layer_mistake(keep_old_state=True),
-                "return the new state (buckets, hash_rng): split the rng kept in the state, hash with the sub-key, "
-                "and store the flat bucket ids and the new rng"),
+                "the state is returned unchanged: when update_state is true, hash with a fresh sub-key of the "
+                "state's rng and return the new flat, offset bucket ids and the new rng"),
     ],
-    default_hint="per head: q = x @ w_q, v = x @ w_v; split the state's rng; hash q (offset ids); sort; attend in "
-                 "chunks; un-sort; combine rounds; return (o @ w_o, (buckets, new_rng))",
+    default_hint="one example, one head: queries and values from the weights; new hashes (and a new state) "
+                 "when update_state is true, else the state's; then sort, attend in chunks, un-sort and combine "
+                 "with the four functions of exercises 2.1 to 2.4; return (output, state)",
+    hints=(
+        "split the state's rng with jax.random.split (the first half is the new state's rng, the second "
+        "hashes); the state stores the flat bucket ids with the per-round offsets, so hashes reused from it "
+        "lose their offsets again (modulo n_buckets, reshaped to [n_hashes, T]); sorted item i is the "
+        "original position order[i] modulo seq_len: gather q and v at those positions for attend_chunks",
+        "w_q, w_v, w_o = weights\n"
+        "q, v = x @ w_q, x @ w_v\n"
+        "if update_state:\n"
+        "    hash_rng, sub_rng = jax.random.split(state[1])\n"
+        "    buckets = hash_buckets(q, n_buckets, n_hashes, sub_rng)\n"
+        "    offsets = jnp.arange(n_hashes, dtype=jnp.int32)[:, None] * n_buckets\n"
+        "    state = ((buckets + offsets).reshape(-1), hash_rng)\n"
+        "else:\n"
+        "    buckets = state[0].reshape(n_hashes, seq_len) % n_buckets\n"
+        "order, undo = sort_items(buckets, n_buckets)\n"
+        "positions = order % seq_len\n"
+        "so, slse = attend_chunks(q[positions], v[positions], positions, self._chunk_len, self._causal,\n"
+        "                         self._n_chunks_before)\n"
+        "return combine_rounds(so, slse, order, undo, n_hashes) @ w_o, state",
+    ),
+    answered_by=("labkit.layers.LSHSelfAttention", "labkit.attention.lsh.lsh_attention_head",
+                 "labkit.attention.lsh.lsh_attention"),
 ))

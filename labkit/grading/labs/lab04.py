@@ -12,6 +12,7 @@ import numpy as np
 
 from labkit.attention import linear as la
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
+from labkit.grading.harness import run_jitted
 from labkit.grading.inputs import normal as _normal
 
 EPS = 1e-6
@@ -22,11 +23,17 @@ def _one_head(fn):
     return lambda q, k, v, **kw: fn(q[:, None], k[:, None], v[:, None], **kw)[:, 0]
 
 
+# Jitted once per shape: a check compiles one program per case instead of one per operation.
+_linear = jax.jit(la.linear_attention, static_argnames=("is_causal", "chunk_size", "eps"))
+_elu = jax.jit(la.elu_feature_map)
+_step = jax.jit(la.recurrent_step, static_argnames=("feature_map", "eps"))
+
+
 # ---------------------------------------------------------------- 1. the feature map
 
 def feature_map_reference(x):
     """`elu(x) + 1`, elementwise, same shape and dtype as `x`."""
-    return la.elu_feature_map(jnp.asarray(x))
+    return _elu(jnp.asarray(x))
 
 
 def _x_case(name, seed, *shape, scale=1.0):
@@ -35,6 +42,7 @@ def _x_case(name, seed, *shape, scale=1.0):
 
 register(Exercise(
     id="lab04.feature_map",
+    run=run_jitted,
     description="the feature map phi(x) = elu(x) + 1: positive, smooth, close to 1 + x near 0",
     points=1,
     reference=feature_map_reference,
@@ -47,14 +55,23 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("elu without +1", lambda x: jax.nn.elu(jnp.asarray(x)),
-                "elu(x) reaches down to -1; add 1 so every feature is positive (phi(x) = elu(x) + 1)"),
+                "your features go negative (down to -1 for very negative x): the map is elu shifted up by one, "
+                "so that every feature is positive"),
         Mistake("relu + 1", lambda x: jax.nn.relu(jnp.asarray(x)) + 1.0,
-                "for x < 0 the map is exp(x), not a constant 1: use jax.nn.elu(x) + 1"),
+                "for negative x your features are a constant 1; the map is e^x there (smooth, between 0 and 1)"),
         Mistake("exp", lambda x: jnp.exp(jnp.asarray(x)),
-                "exp(x) is elu(x) + 1 only for x < 0; for x > 0 it is x + 1 (and exp would overflow)"),
+                "your features are right for x <= 0 but grow exponentially for x > 0, where the map is linear "
+                "(x + 1)"),
     ],
-    default_hint="jax.nn.elu(x) + 1.0",
-    nan_hint="inf/NaN: exp() of a large positive number overflowed; jax.nn.elu only exponentiates x <= 0",
+    default_hint="phi has two branches: x + 1 for x > 0 and e^x for x <= 0. Work out phi(-2), phi(0) and phi(3) "
+                 "by hand and compare them with what your function returns",
+    hints=("JAX has the exponential linear unit built in (`jax.nn.elu`): the map is that function plus one, "
+           "elementwise, so no loop, mask or reshaping is needed",
+           "return jax.nn.elu(x) + 1.0"),
+    nan_hint="inf/NaN: the exponential of a large positive number overflowed; the map only exponentiates "
+             "inputs at or below zero",
+    answered_by=("labkit.attention.linear.elu_feature_map", "labkit.attention.linear.get_feature_map",
+                 "labkit.attention.kernel.kernel_features"),
 ))
 
 
@@ -86,13 +103,15 @@ def _qkv_case(name, seed, t, d, dv=None, *, extra=(), scale=1.0, atol=1e-5):
 
 # ---------------------------------------------------------------- 2. non-causal linear attention
 
-def linear_attention_reference(q, k, v):
-    """One head: `phi(q) (phi(k)^T v) / (phi(q) sum_j phi(k_j) + 1e-6)`, `[T, d], [S, d], [S, dv] -> [T, dv]`."""
-    return _one_head(la.linear_attention)(q, k, v, eps=EPS)
+def linear_attention_reference(q, k, v, eps=EPS):
+    """One head: `phi(q) (phi(k)^T v) / (phi(q) sum_j phi(k_j) + eps)`, `[T, d], [S, d], [S, dv] -> [T, dv]`
+    (the learner's signature, so that later cells can call it in the learner's place)."""
+    return _one_head(_linear)(q, k, v, eps=eps)
 
 
 register(Exercise(
     id="lab04.linear_attention",
+    run=run_jitted,
     description="non-causal linear attention with phi = elu + 1: compute phi(K)^T V first (O(n d^2))",
     points=2,
     reference=linear_attention_reference,
@@ -106,25 +125,41 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("missing normaliser", functools.partial(_linear_with, causal=False, normalise=False),
-                "divide each row by phi(q_i) . sum_j phi(k_j) (+ eps): without it the output grows with the length"),
+                "your output is the numerator only: each row must be divided by its own total weight (the "
+                "normaliser, plus eps), otherwise it grows with the number of keys"),
         Mistake("no feature map", functools.partial(_linear_with, causal=False, map_q=False, map_k=False),
-                "apply phi(x) = elu(x) + 1 to the queries and to the keys before any product"),
+                "the similarity is phi(q) . phi(k): apply the feature map to the queries and to the keys before "
+                "any product"),
         Mistake("feature map on keys only", functools.partial(_linear_with, causal=False, map_q=False),
-                "the queries need the feature map too: phi(q) . phi(k)"),
+                "the queries need the feature map too, not only the keys"),
     ],
-    default_hint="kv = phi(k).T @ v; z = phi(k).sum(0); out = (phi(q) @ kv) / (phi(q) @ z + eps)[:, None]",
+    default_hint="each output row is a weighted mean of the values: the numerator reads the key summary "
+                 "sum_j phi(k_j) v_j^T with phi(q_i), the denominator reads z = sum_j phi(k_j) with phi(q_i) "
+                 "(+ eps). Check both parts, and that phi is applied to queries and keys",
+    hints=("use `phi` on q and k; the key summary is ONE matrix product (phi of the keys, transposed, times v: "
+           "[d, d_v]), z a sum over the key axis ([d]); then one product with phi of the queries for each, and a "
+           "division broadcast over the value columns",
+           "phi_q, phi_k = phi(q), phi(k)\n"
+           "kv = phi_k.T @ v                  # [d, d_v]\n"
+           "z = phi_k.sum(axis=0)             # [d]\n"
+           "return (phi_q @ kv) / (phi_q @ z + eps)[:, None]"),
+    nan_hint="NaN/inf: a 0/0 or an overflow; with positive features the denominator cannot vanish, so check "
+             "that phi is applied and that eps is added to the denominator",
+    answered_by=("labkit.attention.linear.linear_attention", "labkit.attention.kernel.kernel_attention",
+                 "labkit.layers.LinearSelfAttention"),
 ))
 
 
 # ---------------------------------------------------------------- 3. causal, prefix sums
 
-def causal_prefix_reference(q, k, v):
+def causal_prefix_reference(q, k, v, eps=EPS):
     """One head, causal: the prefix sums `S_i = sum_{j<=i} phi(k_j) v_j^T`, `z_i = sum_{j<=i} phi(k_j)`."""
-    return _one_head(la.linear_attention)(q, k, v, is_causal=True, eps=EPS)
+    return _one_head(_linear)(q, k, v, is_causal=True, eps=eps)
 
 
 register(Exercise(
     id="lab04.causal_prefix",
+    run=run_jitted,
     description="causal linear attention with prefix sums (cumsum) of phi(k_j) v_j^T and phi(k_j)",
     points=2,
     reference=causal_prefix_reference,
@@ -137,22 +172,37 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("exclusive prefix sum", functools.partial(_linear_with, causal=True, exclusive=True),
-                "position i may attend to itself: sum over j <= i (an inclusive cumsum), not j < i"),
+                "position i may attend to itself: its sums run over j <= i (an inclusive prefix sum), yours stop "
+                "at j < i"),
         Mistake("missing normaliser", functools.partial(_linear_with, causal=True, normalise=False),
-                "divide by phi(q_i) . z_i with z_i = cumsum of phi(k_j) (+ eps)"),
+                "your output is the numerator only: divide row i by phi(q_i) . z_i (+ eps), z_i the prefix sum "
+                "of the key features"),
         Mistake("normaliser over all keys", functools.partial(_linear_with, causal=True, global_normaliser=True),
-                "the normaliser must be causal too: z_i = sum over j <= i of phi(k_j), not over all keys"),
+                "the normaliser must be causal too: z_i sums the key features over j <= i, not over all keys"),
     ],
-    default_hint="S = jnp.cumsum(phi(k)[:, :, None] * v[:, None, :], axis=0); z = jnp.cumsum(phi(k), axis=0); "
-                 "out_i = phi(q_i) S_i / (phi(q_i) . z_i + eps)",
+    default_hint="query i may use keys j <= i only, itself included: the summary S_i and the normaliser z_i are "
+                 "both sums over j <= i, so they differ for every i. Check row 0 (it sees key 0 only) by hand",
+    hints=("build the per-position outer products phi(k_j) v_j^T as one [T, d, d_v] array by broadcasting, take "
+           "cumulative sums along the sequence axis (`jnp.cumsum`, axis 0) of it and of phi(k), then contract "
+           "phi(q_i) with S_i and with z_i at every position (`jnp.einsum`)",
+           "phi_q, phi_k = phi(q), phi(k)\n"
+           "s = jnp.cumsum(phi_k[:, :, None] * v[:, None, :], axis=0)   # [T, d, d_v]\n"
+           "z = jnp.cumsum(phi_k, axis=0)                                # [T, d]\n"
+           "num = jnp.einsum(\"td,tdv->tv\", phi_q, s)\n"
+           "den = jnp.einsum(\"td,td->t\", phi_q, z)\n"
+           "return num / (den + eps)[:, None]"),
+    nan_hint="NaN/inf: a 0/0 or an overflow; with positive features and eps the denominator cannot vanish, so "
+             "check the feature map and the eps",
+    answered_by=("labkit.attention.linear.linear_attention", "labkit.attention.kernel.kernel_attention",
+                 "labkit.layers.LinearSelfAttention"),
 ))
 
 
 # ---------------------------------------------------------------- 4. causal, chunkwise
 
-def causal_chunkwise_reference(q, k, v, chunk_size):
+def causal_chunkwise_reference(q, k, v, chunk_size, eps=EPS):
     """One head, causal, chunk by chunk (lengths chunk_size does not divide included): same values as prefix sums."""
-    return _one_head(la.linear_attention)(q, k, v, is_causal=True, chunk_size=chunk_size, eps=EPS)
+    return _one_head(_linear)(q, k, v, is_causal=True, chunk_size=chunk_size, eps=eps)
 
 
 def _chunkwise_with(q, k, v, chunk_size, *, mask_inside=True, carry=True, update_first=False):
@@ -182,6 +232,7 @@ def _chunk_case(name, seed, t, d, chunk, dv=None):
 
 register(Exercise(
     id="lab04.causal_chunkwise",
+    run=run_jitted,
     description="chunkwise causal linear attention: masked quadratic form inside a chunk, a carried state across",
     points=3,
     reference=causal_chunkwise_reference,
@@ -196,25 +247,45 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("no mask inside the chunk", functools.partial(_chunkwise_with, mask_inside=False),
-                "inside a chunk, query i must not see later keys: multiply phi(Q_c) phi(K_c)^T by a lower "
-                "triangle (diagonal included) before multiplying by V_c"),
+                "inside a chunk, query i sees later keys of the same chunk: the chunk's score block needs the "
+                "lower-triangle mask M (diagonal included) before it multiplies the values"),
         Mistake("state not carried", functools.partial(_chunkwise_with, carry=False),
-                "add phi(Q_c) S to each chunk's output, where S = sum of phi(k_j) v_j^T over all EARLIER chunks "
-                "(and z likewise for the normaliser)"),
+                "each chunk also attends to everything before it: add the state of all EARLIER chunks, read with "
+                "the chunk's query features, to its output (the normaliser's part too)"),
         Mistake("state updated before it is read", functools.partial(_chunkwise_with, update_first=True),
                 "read the state first (it must hold earlier chunks only), then add the current chunk to it: "
                 "otherwise the chunk is counted twice and its future leaks in"),
     ],
-    default_hint="for each chunk c: out_c = tril(phi(Q_c) phi(K_c)^T) V_c + phi(Q_c) S; then S += phi(K_c)^T V_c "
-                 "(the same with a column of ones for the normaliser); pad or slice the last, short chunk",
+    default_hint="each chunk's output has two parts: the masked quadratic form inside the chunk (lower triangle, "
+                 "diagonal included) and the chunk's query features times the state of all EARLIER chunks; "
+                 "the last chunk may be shorter than chunk_size",
+    hints=("append a column of ones to v (the normaliser becomes the last output column); pad the features and "
+           "v with zero rows to a multiple of chunk_size (`jnp.pad`), reshape to [n_chunks, chunk_size, ...] and "
+           "`jax.lax.scan` a step that returns (the state plus this chunk's K^T V, this chunk's output); at the "
+           "end drop the padded rows and divide by the last column + eps",
+           "t, d = q.shape\n"
+           "pad = -t % chunk_size\n"
+           "v1 = jnp.concatenate([v, jnp.ones((t, 1), v.dtype)], axis=1)\n"
+           "chunks = lambda a: jnp.pad(a, ((0, pad), (0, 0))).reshape(-1, chunk_size, a.shape[-1])\n"
+           "tri = jnp.tril(jnp.ones((chunk_size, chunk_size)))\n\n"
+           "def step(state, chunk):\n"
+           "    qc, kc, vc = chunk\n"
+           "    return state + kc.T @ vc, ((qc @ kc.T) * tri) @ vc + qc @ state\n\n"
+           "xs = (chunks(phi(q)), chunks(phi(k)), chunks(v1))\n"
+           "out = jax.lax.scan(step, jnp.zeros((d, v1.shape[1])), xs)[1].reshape(-1, v1.shape[1])[:t]\n"
+           "return out[:, :-1] / (out[:, -1:] + eps)"),
+    nan_hint="NaN/inf: a 0/0 or an overflow; padded rows have a zero denominator, so drop them before dividing "
+             "(and add eps)",
+    answered_by=("labkit.attention.linear.linear_attention", "labkit.attention.kernel.kernel_attention",
+                 "labkit.layers.LinearSelfAttention"),
 ))
 
 
 # ---------------------------------------------------------------- 5. the recurrent step
 
-def recurrent_step_reference(state, q_t, k_t, v_t):
+def recurrent_step_reference(state, q_t, k_t, v_t, eps=EPS):
     """`state = (kv [d, dv], k_sum [d])`, one token `[d], [d], [dv]` -> `((kv', k_sum'), out_t [dv])`."""
-    new, out = la.recurrent_step(la.LinearState(*map(jnp.asarray, state)), q_t, k_t, v_t, eps=EPS)
+    new, out = _step(la.LinearState(*map(jnp.asarray, state)), q_t, k_t, v_t, eps=eps)
     return (new.kv, new.k_sum), out
 
 
@@ -222,7 +293,7 @@ def _step_case(name, seed, d, dv, seen):
     """A state that has already seen `seen` random tokens, then one more token."""
     def inputs():
         ks, vs = _normal(seed, seen, d), _normal(seed + 1, seen, dv)
-        fk = np.asarray(la.elu_feature_map(jnp.asarray(ks)))
+        fk = np.asarray(_elu(jnp.asarray(ks)))
         state = ((fk.T @ vs).astype(np.float32), fk.sum(0).astype(np.float32))
         q_t, k_t, v_t = _normal(seed + 2, d), _normal(seed + 3, d), _normal(seed + 4, dv)
         return (state, q_t, k_t, v_t), {}
@@ -242,6 +313,7 @@ def _step_with(state, q_t, k_t, v_t, *, read_first=False, normalise=True, update
 
 register(Exercise(
     id="lab04.recurrent_step",
+    run=run_jitted,
     description="one step of the RNN form: add phi(k_t) v_t^T to the state, then read it with phi(q_t)",
     points=2,
     reference=recurrent_step_reference,
@@ -254,12 +326,24 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("read before update", functools.partial(_step_with, read_first=True),
-                "token t attends to itself: add phi(k_t) v_t^T and phi(k_t) to the state first, then read it"),
+                "token t attends to itself: add it to the state first, then read the updated state"),
         Mistake("missing normaliser", functools.partial(_step_with, normalise=False),
-                "divide phi(q_t) . kv by phi(q_t) . k_sum + eps"),
+                "your output is the numerator only: divide it by the query's reading of k_sum (+ eps)"),
         Mistake("normaliser sum not updated", functools.partial(_step_with, update_sum=False),
-                "update both parts of the state: kv += outer(phi(k_t), v_t) AND k_sum += phi(k_t)"),
+                "update both parts of the state: the new token enters kv AND k_sum"),
     ],
-    default_hint="kv = kv + outer(phi(k_t), v_t); k_sum = k_sum + phi(k_t); "
-                 "out = phi(q_t) @ kv / (phi(q_t) @ k_sum + eps); return (kv, k_sum), out",
+    default_hint="the state holds sums over every token seen so far: the new token enters both parts (kv and "
+                 "k_sum) BEFORE they are read, since it attends to itself; then read them with phi(q_t) and "
+                 "normalise, as one row of the causal form",
+    hints=("the token adds the outer product of phi(k_t) and v_t to kv (`jnp.outer`) and phi(k_t) to k_sum; "
+           "the output is the updated kv read with phi(q_t), divided by the reading of k_sum + eps; return the "
+           "new state as a tuple, then the output",
+           "kv, k_sum = state\n"
+           "phi_q, phi_k = phi(q_t), phi(k_t)\n"
+           "kv = kv + jnp.outer(phi_k, v_t)\n"
+           "k_sum = k_sum + phi_k\n"
+           "return (kv, k_sum), (phi_q @ kv) / (phi_q @ k_sum + eps)"),
+    nan_hint="NaN/inf: a 0/0 or an overflow; with positive features and eps the denominator cannot vanish, so "
+             "check the feature map and the eps",
+    answered_by=("labkit.attention.linear.recurrent_step", "labkit.attention.linear.generate"),
 ))

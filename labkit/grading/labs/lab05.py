@@ -1,7 +1,7 @@
 """Lab 05 exercises: FAVOR+ positive random features, FAVOR+ attention for one head, and the windowed causal form.
 
-Projections come from `labkit.attention.kernel.random_projection` with fixed PRNG keys; expected values come
-from `labkit.attention.kernel`. The written-out mistakes compute the same quantities with one step wrong."""
+Projections are orthogonal Gaussian ones, built like `labkit.attention.kernel.random_projection` but in numpy
+with fixed seeds; expected values come from `labkit.attention.kernel`. The written-out mistakes compute the same quantities with one step wrong."""
 
 from __future__ import annotations
 
@@ -13,20 +13,40 @@ import numpy as np
 
 from labkit.attention import kernel as ka
 from labkit.grading.exercise import Case, Exercise, Mistake, hidden, register
+from labkit.grading.harness import run_jitted
 from labkit.grading.inputs import normal as _normal
 
 EPS = 1e-6
 
 
+@functools.lru_cache(maxsize=None)
+def _orthogonal_projection(seed: int, m: int, d: int) -> np.ndarray:
+    """`ka.random_projection`'s construction in numpy (blocks of `d` orthogonal rows, Gaussian lengths), so
+    that building a case compiles nothing: a check cell answers in well under a second."""
+    rng = np.random.default_rng(1000 + seed)
+    n_blocks = -(-m // d)
+    q, r = np.linalg.qr(rng.normal(size=(n_blocks, d, d)))
+    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    directions = np.swapaxes(q, -1, -2).reshape(n_blocks * d, d)[:m]
+    return (directions * np.linalg.norm(rng.normal(size=(m, d)), axis=-1)[:, None]).astype(np.float32)
+
+
+# labkit's functions jitted once per shape: a check compiles one program per case, not one per operation.
+_features = jax.jit(ka.positive_random_features)
+_favor = jax.jit(functools.partial(ka.kernel_attention, feature_transform="exp", eps=EPS))
+_windowed = jax.jit(functools.partial(ka.windowed_causal_linear, padding="right", eps=EPS),
+                    static_argnames=("chunk_length", "window_length", "window_decay"))
+
+
 def _projection(seed: int, m: int, d: int) -> np.ndarray:
-    return np.asarray(ka.random_projection(jax.random.PRNGKey(seed), m, d))
+    return _orthogonal_projection(seed, m, d).copy()  # a fresh array per call: a case's inputs are its own
 
 
 # ---------------------------------------------------------------- 1. positive random features
 
 def positive_features_reference(x, w):
     """`x [L, d]`, `w [m, d]` -> `exp(x w^T - |x|^2 / 2) / sqrt(m)`, `[L, m]`."""
-    return ka.positive_random_features(jnp.asarray(x), jnp.asarray(w))
+    return _features(jnp.asarray(x), jnp.asarray(w))
 
 
 def _features_with(x, w, *, norm_term=True, normalise=True, sign=1.0):
@@ -42,6 +62,7 @@ def _features_case(name, seed, length, d, m, *, scale=0.5):
 
 register(Exercise(
     id="lab05.positive_features",
+    run=run_jitted,
     description="FAVOR+ positive random features phi(x) = exp(W x - |x|^2/2) / sqrt(m): E[phi(q).phi(k)] = exp(q.k)",
     points=2,
     reference=positive_features_reference,
@@ -55,13 +76,23 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("missing -|x|^2/2", functools.partial(_features_with, norm_term=False),
-                "subtract |x|^2 / 2 inside the exponent: E[exp(w.q) exp(w.k)] = exp(|q + k|^2 / 2), and the two "
-                "norm terms turn it into exp(q.k)"),
+                "your features miss the norm term: without it the product of two features estimates "
+                "exp(|q + k|^2 / 2), not exp(q.k); the term |x|^2 / 2 belongs inside the exponent"),
         Mistake("missing 1/sqrt(m)", functools.partial(_features_with, normalise=False),
-                "divide by sqrt(m): phi(q).phi(k) is then the average over the m projections, not their sum"),
+                "your features are sqrt(m) times too large: phi(q).phi(k) must be the average over the m "
+                "projections, not their sum"),
     ],
-    default_hint="z = x @ w.T; phi = jnp.exp(z - 0.5 * jnp.sum(x**2, -1, keepdims=True)) / jnp.sqrt(w.shape[0])",
-    nan_hint="exp() overflowed: subtract |x|^2/2 inside the exponent (not after exponentiating)",
+    default_hint="each vector gets one feature per row w_r of the projection: exp(w_r . x - |x|^2 / 2) / sqrt(m). "
+                 "Check the three parts (the projection of x, the norm term inside the exponent, the 1/sqrt(m) "
+                 "outside) on one vector by hand",
+    hints=("project all vectors at once with one matrix product against the transposed projection ([L, m]); the "
+           "norm term is an [L, 1] column (sum of squares over the last axis, keepdims) subtracted before "
+           "`jnp.exp`; then divide by the square root of the number of rows of w",
+           "z = x @ w.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)\n"
+           "return jnp.exp(z) / jnp.sqrt(w.shape[0])"),
+    nan_hint="inf/NaN: the exponential overflowed; the norm term is subtracted inside the exponent, before "
+             "exponentiating, not divided out afterwards",
+    answered_by=("labkit.attention.kernel.positive_random_features", "labkit.attention.kernel.kernel_features"),
 ))
 
 
@@ -72,8 +103,7 @@ def favor_attention_reference(q, k, v, w):
 
     Both q and k are multiplied by `d ** -0.25` (the 1/sqrt(d) scale split in two), mapped with FAVOR+ features,
     then `out = phi(q) (phi(k)^T v) / (phi(q) . sum_j phi(k_j) + 1e-6)`."""
-    return ka.kernel_attention(q[:, None], k[:, None], v[:, None], projection=w, feature_transform="exp",
-                               eps=EPS)[:, 0]
+    return _favor(q[:, None], k[:, None], v[:, None], projection=w)[:, 0]
 
 
 def _favor_with(q, k, v, w, *, q_power=0.25, k_power=0.25, normalise=True, shift=False):
@@ -100,6 +130,7 @@ def _favor_case(name, seed, t, s, d, m, dv=None, *, scale=0.5):
 
 register(Exercise(
     id="lab05.favor_attention",
+    run=run_jitted,
     description="FAVOR+ attention for one head: split the scale, positive features, linear attention",
     points=3,
     reference=favor_attention_reference,
@@ -113,15 +144,32 @@ register(Exercise(
     ],
     mistakes=[
         Mistake("scale on the queries only", functools.partial(_favor_with, q_power=0.5, k_power=0.0, shift=True),
-                "split the scale: multiply both q and k by d ** -0.25 (the random features estimate exp(q'.k') "
-                "of the vectors you feed them, and their variance depends on both norms)"),
+                "you put the whole 1/sqrt(d) scale on the queries: split it, d^(-1/4) on the queries AND d^(-1/4) "
+                "on the keys (the estimate's variance depends on both norms, so both should be small)"),
         Mistake("no scale", functools.partial(_favor_with, q_power=0.0, k_power=0.0, shift=True),
-                "multiply q and k by d ** -0.25 each, so the features estimate exp(q.k / sqrt(d))"),
+                "your features estimate exp(q.k) without the 1/sqrt(d) of softmax attention: scale the queries "
+                "and the keys by d^(-1/4) each"),
         Mistake("missing normaliser", functools.partial(_favor_with, normalise=False, shift=True),
-                "divide each row by phi(q_i) . sum_j phi(k_j) (+ 1e-6), the estimate of the softmax denominator"),
+                "your output is the numerator only: divide each row by its estimate of the softmax denominator "
+                "(the query's features against the sum of the key features, + 1e-6)"),
     ],
-    default_hint="qs, ks = q * d**-0.25, k * d**-0.25; fq, fk = phi(qs), phi(ks); "
-                 "out = (fq @ (fk.T @ v)) / (fq @ fk.sum(0) + 1e-6)[:, None]",
+    default_hint="FAVOR+ is lab 04's linear attention on random features: scale q and k by d^(-1/4) each, map "
+                 "both with the positive features (shifted for stability: each query row by its own maximum, all "
+                 "keys by one common maximum), then divide the numerator by the normaliser (+ 1e-6)",
+    hints=("compute the exponents w . x - |x|^2 / 2 of the scaled queries and keys as in Exercise 5.1 (the "
+           "1/sqrt(m) cancels, you may leave it out); subtract each query row's maximum (`jnp.max` over the "
+           "last axis, keepdims) and the keys' overall maximum before `jnp.exp`; then the key summary (key "
+           "features transposed times v), the sum of the key features, and one product with the query features "
+           "for each",
+           "d = q.shape[-1]\n"
+           "qs, ks = q * d ** -0.25, k * d ** -0.25\n"
+           "zq = qs @ w.T - 0.5 * jnp.sum(qs * qs, -1, keepdims=True)\n"
+           "zk = ks @ w.T - 0.5 * jnp.sum(ks * ks, -1, keepdims=True)\n"
+           "fq = jnp.exp(zq - jnp.max(zq, axis=-1, keepdims=True))\n"
+           "fk = jnp.exp(zk - jnp.max(zk))\n"
+           "return (fq @ (fk.T @ v)) / (fq @ fk.sum(0) + 1e-6)[:, None]"),
+    answered_by=("labkit.attention.kernel.kernel_attention", "labkit.attention.kernel.kernel_features",
+                 "labkit.layers.KernelSelfAttention"),
     nan_hint="exp() overflowed or every feature underflowed to 0: shift each exponent before exp() - query rows by "
              "their own maximum, keys all by one common maximum (the shifts cancel in the normalisation)",
 ))
@@ -133,9 +181,8 @@ def windowed_causal_reference(phi_q, phi_k, v, chunk_length, window_length, wind
     """Features `phi_q, phi_k [T, m]`, `v [T, dv]` -> `[T, dv]`: chunks of `chunk_length` attend bidirectionally
     inside the chunk and to the `window_length - 1` previous chunks, chunk c - i weighted `window_decay ** i`;
     a length the chunk does not divide is padded on the right with zero features."""
-    return ka.windowed_causal_linear(phi_q[:, None], phi_k[:, None], v[:, None], chunk_length=chunk_length,
-                                     window_length=window_length, window_decay=window_decay, padding="right",
-                                     eps=EPS)[:, 0]
+    return _windowed(phi_q[:, None], phi_k[:, None], v[:, None], chunk_length=chunk_length,
+                     window_length=window_length, window_decay=window_decay)[:, 0]
 
 
 def _windowed_with(phi_q, phi_k, v, chunk_length, window_length, window_decay=None, *, token_causal=False,
@@ -162,12 +209,13 @@ def _window_case(name, seed, t, m, chunk, window, decay=None):
 
 register(Exercise(
     id="lab05.windowed_causal",
+    run=run_jitted,
     description="windowed causal kernel attention: chunks attend inside themselves and to W - 1 earlier chunks",
     points=3,
     reference=windowed_causal_reference,
     cases=[
         _window_case("chunks of 1, window 3, seq 6", 0, 6, 4, 1, 3),
-        _window_case("chunks of 3, window 2, seq 9 (the picture above)", 10, 9, 4, 3, 2),
+        _window_case("chunks of 3, window 2, seq 9 (the first matrix above the exercise)", 10, 9, 4, 3, 2),
         _window_case("chunks of 2, window 3, decay 0.5, seq 8", 20, 8, 4, 2, 3, 0.5),
         _window_case("seq 7, chunks of 3: pad on the right", 30, 7, 4, 3, 2, 0.8),
         _window_case("length 1", 40, 1, 4, 1, 3),
@@ -184,6 +232,21 @@ register(Exercise(
                 "the decay fades the past: the current chunk has weight 1 and chunk c - i gets window_decay ** i "
                 "(the oldest chunk in the window the smallest weight)"),
     ],
-    default_hint="weight(i, j) = decay ** (c_i - c_j) if 0 <= c_i - c_j < W else 0, with c = position // chunk; "
-                 "out = (A * weight) v / ((A * weight) 1 + 1e-6) where A = phi_q phi_k^T",
+    default_hint="the weight of key j for query i depends on their chunks only (chunk = position // chunk_length): "
+                 "decay^(c_i - c_j) when 0 <= c_i - c_j < window_length, else 0, so inside a chunk every token "
+                 "sees every other. Compare your weights with the small matrices above the exercise",
+    hints=("build the [T, T] chunk distance c_i - c_j from the positions' chunk ids (`jnp.arange`, integer "
+           "division, a column broadcast against a row), turn it into weights with `jnp.where`, multiply them "
+           "into phi_q phi_k^T, then normalise each row as in linear attention (+ 1e-6); right padding leaves "
+           "every chunk id unchanged, so this quadratic form needs no padding",
+           "chunk = jnp.arange(phi_q.shape[0]) // chunk_length\n"
+           "dist = chunk[:, None] - chunk[None, :]\n"
+           "gamma = 1.0 if window_decay is None else window_decay\n"
+           "weight = jnp.where((dist >= 0) & (dist < window_length), gamma ** jnp.maximum(dist, 0), 0.0)\n"
+           "a = (phi_q @ phi_k.T) * weight\n"
+           "return (a @ v) / (a.sum(-1) + 1e-6)[:, None]"),
+    nan_hint="NaN/inf: a row with zero total weight (0/0) or an overflow; every query sees at least its own chunk, "
+             "so check the window condition, and add 1e-6 to the denominator",
+    answered_by=("labkit.attention.kernel.windowed_causal_linear", "labkit.attention.kernel.causal_window_weights",
+                 "labkit.attention.kernel.kernel_attention"),
 ))
