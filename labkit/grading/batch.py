@@ -112,13 +112,19 @@ def learner_id(path: Path, notebook: nbformat.NotebookNode | None, lab_stem: str
 class _RemoteGrader(Grader):
     """`check`'s grader, fed with the outputs the learner's kernel computed on the grader's inputs."""
 
-    def __init__(self, exercise: Exercise, run: ExerciseRun, timeout: float):
-        # Expected values come from Grader.expected, which computes each case's reference once per process.
+    def __init__(self, exercise: Exercise, run: ExerciseRun, timeout: float, cache: dict | None = None):
         super().__init__(exercise, None, timeout)
-        self.remote = run
+        self.remote, self.cache = run, cache if cache is not None else {}
 
     def _index(self, case: Case) -> int:
         return next(i for i, c in enumerate(self.exercise.cases) if c is case)
+
+    def expected(self, case: Case):
+        # References are deterministic: compute each once per run, not once per submission.
+        key = (self.exercise.id, self._index(case))
+        if key not in self.cache:
+            self.cache[key] = super().expected(case)
+        return self.cache[key]
 
     def call(self, case: Case):
         return self.remote.calls[self._index(case)]
@@ -137,8 +143,9 @@ def _not_run(exercise: Exercise, note: str, line: str = "not run") -> Report:
     return Report(exercise.id, exercise.description, exercise.points, cases, note=note)
 
 
-def exercise_report(exercise: Exercise, name: str | None, run: ExerciseRun | None, timeout: float) -> Report:
-    """The `check`-style report of one exercise from what the kernel sent back."""
+def exercise_report(exercise: Exercise, name: str | None, run: ExerciseRun | None, timeout: float,
+                    cache: dict | None = None) -> Report:
+    """The `check`-style report of one exercise from what the kernel sent back (`cache`: expected values)."""
     if name is None:
         return _not_run(exercise, "the lab has no check cell for this exercise; cannot tell which function to run")
     if run is None or run.not_run:
@@ -153,7 +160,7 @@ def exercise_report(exercise: Exercise, name: str | None, run: ExerciseRun | Non
     problem = candidate_problem(exercise, kernel_side.candidate_stand_in(run.candidate))
     if problem:
         return _not_run(exercise, f"`{name}`: {problem}")
-    grader = _RemoteGrader(exercise, run, timeout)
+    grader = _RemoteGrader(exercise, run, timeout, cache)
     return Report(exercise.id, exercise.description, exercise.points, grader.grade(exercise.cases))
 
 
@@ -217,6 +224,7 @@ class Settings:
     names: dict[str, str]  # exercise id -> learner's function name, from the lab's own notebook
     lab_stem: str
     limits: Limits
+    expected: dict = dataclasses.field(default_factory=dict)  # (exercise id, case index) -> reference output
 
 
 def _statuses(execution: Execution, reports: list[Report]) -> tuple[str, list[str]]:
@@ -280,7 +288,7 @@ def grade_submission(submission: Submission, settings: Settings) -> Graded:
     cells = cells_to_run(notebook)
     execution = run_submission(cells, jobs, settings.limits) if cells and jobs else Execution()
     reports = [exercise_report(e, names.get(e.id), execution.exercises.get(e.id) if cells else
-                               ExerciseRun(candidate={"defined": False}), timeouts[e.id])
+                               ExerciseRun(candidate={"defined": False}), timeouts[e.id], settings.expected)
                for e in settings.exercises]
     status, notes = _statuses(execution, reports)
     return Graded(submission, learner, status, "; ".join(notes), reports)
