@@ -1,20 +1,35 @@
 """Trax layers built on labkit's attention functions: drop-ins for `tl.SelfAttention`.
 
-Each layer subclasses a Trax attention layer, keeps its constructor and weight layout (per head:
-`w_q [d_model, d_qk]`, `w_k [d_model, d_qk]` unless `share_qk`, `w_v [d_model, d_v]`,
-`w_o [d_v, d_model]`, plus biases when `bias=True`), and overrides only `forward_unbatched`, the
-per-example, per-head computation Trax batches with `vmap` (or loops over with
+Each layer keeps Trax's constructor and weight layout (per head: `w_q [d_model, d_qk]`, `w_k [d_model, d_qk]`
+unless `share_qk`, `w_v [d_model, d_v]`, `w_o [d_v, d_model]`, plus biases when `bias=True`) and overrides
+only `forward_unbatched`, the per-example, per-head computation Trax batches with `vmap` (or loops over with
 `use_reference_code=True`). Weights copied from a `tl.SelfAttention` therefore give the same outputs.
+
+`AttentionLayer` is the one adapter: it projects, calls `attend(q, k, v, mask, rng)` (a labkit attention
+function on `[T, 1, H]` arrays) and applies the output projection and dropout exactly as Trax does. A family's
+layer names the constructor options it cannot honour in `unsupported` and defines `attend`; LSH (its own Trax
+base class and state) and Linformer (projections shared across heads) are the two that need more.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers.research.efficient_attention import apply_broadcasted_dropout
 
+from labkit.attention._validate import positive_int
+from labkit.attention.chunked import DEFAULT_KEY_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, memory_efficient_attention
+from labkit.attention.kernel import kernel_attention
+from labkit.attention.leap import leap_attention
+from labkit.attention.linear import FeatureMap, linear_attention
+from labkit.attention.linformer import CHECKPOINT_LEVELS, linformer_self_attention, projection_shape
 from labkit.attention.local import length_normalized, local_attention
+from labkit.attention.lsh import default_n_buckets, lsh_attention_head, lsh_buckets
+from labkit.attention.positional import rotary as rotary_embedding
+from labkit.attention.sliding_window import sliding_window_attention
 
 
 def project_qkv(x: jnp.ndarray, weights: tuple, *, share_qk: bool, bias: bool):
@@ -34,7 +49,67 @@ def project_qkv(x: jnp.ndarray, weights: tuple, *, share_qk: bool, bias: bool):
     return q, k, v, w_o
 
 
-class DotProductSelfAttention(tl.SelfAttention):
+def refuse(layer_name: str, unsupported: tuple[str, ...], *, share_qk=False, chunk_len=None, n_chunks_before=0,
+           n_chunks_after=0, attention_dropout=0.0, causal=False, mode: str = "train", predict_hint: str = "") -> None:
+    """A ValueError naming the first `tl.SelfAttention` option in `unsupported` that is set."""
+    problems = {
+        "predict": (mode == "predict", f"does not implement mode='predict'{predict_hint}"),
+        "share_qk": (share_qk, "does not support share_qk=True"),
+        "chunk_len": (chunk_len is not None, f"takes no chunk_len (Trax's local windows): it must be None, got "
+                                             f"{chunk_len} (DotProductSelfAttention computes local attention)"),
+        "n_chunks": (n_chunks_before or n_chunks_after, "takes no local windows: n_chunks_before and "
+                     f"n_chunks_after must be 0, got {n_chunks_before}, {n_chunks_after}"),
+        "attention_dropout": (attention_dropout, f"does not support attention_dropout (got {attention_dropout}); "
+                                                 "use output_dropout"),
+        "causal": (causal, "has no causal form: causal=True is not supported"),
+    }
+    for name in unsupported:
+        bad, message = problems[name]
+        if bad:
+            raise ValueError(f"{layer_name} {message}")
+
+
+class AttentionLayer(tl.SelfAttention):
+    """`tl.SelfAttention` whose per-head attention is `self.attend`: the one adapter every family's layer uses.
+
+    Subclasses set `unsupported` (a tuple of "predict", "share_qk", "chunk_len", "n_chunks",
+    "attention_dropout", "causal": constructor options the family cannot honour, refused with a ValueError)
+    and define `attend(q, k, v, mask, rng)`: `q, k, v [T, 1, *]` (one head), `mask [1, 1, S] | None`
+    (True = real token) -> `[T, 1, Hv]`.
+    """
+
+    unsupported: ClassVar[tuple[str, ...]] = ()
+    predict_hint: ClassVar[str] = ""
+
+    def __init__(self, *args, **kwargs):
+        refuse(type(self).__name__, ("predict",) if "predict" in self.unsupported else (),
+               mode=kwargs.get("mode", "train"), predict_hint=self.predict_hint)
+        super().__init__(*args, **kwargs)
+        refuse(type(self).__name__, self.unsupported, share_qk=self._share_qk, chunk_len=self._chunk_len,
+               n_chunks_before=self._n_chunks_before, n_chunks_after=self._n_chunks_after,
+               attention_dropout=self._attention_dropout, causal=self._causal)
+
+    def project(self, x: jnp.ndarray, weights: tuple) -> tuple:
+        """`x [T, d_model]` -> `(q, k, v [T, *], w_o)`, Trax's projections."""
+        return project_qkv(x, weights, share_qk=False, bias=self._bias)
+
+    def attend(self, q, k, v, mask, rng) -> jnp.ndarray:
+        """One head's attention `[T, 1, Hv]` (see the class docstring)."""
+        raise NotImplementedError
+
+    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        del update_state
+        attend_rng, output_rng = jax.random.split(rng)  # Trax's split, so dropout masks agree
+        q, k, v, w_o = self.project(x, weights)
+        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [T] -> [N 1, 1, S]
+        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
+        o = self.attend(q[:, None], k[:, None], v[:, None], key_mask, attend_rng)[:, 0]
+        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
+        return out, state
+
+
+class DotProductSelfAttention(AttentionLayer):
     """`tl.SelfAttention` whose per-head attention is `labkit.attention.local.local_attention`.
 
     Same constructor arguments as `tl.SelfAttention` (full or chunked, causal or not, shared QK, padding
@@ -42,24 +117,16 @@ class DotProductSelfAttention(tl.SelfAttention):
     cannot hide positions 0 and 1; this layer hides exactly the positions the mask marks.
     """
 
-    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
-        del update_state
-        attend_rng, output_rng = jax.random.split(rng)
+    def project(self, x, weights):
+        """Trax's projections; with shared QK the keys are the length-normalised queries."""
         q, k, v, w_o = project_qkv(x, weights, share_qk=self._share_qk, bias=self._bias)
-        if self._share_qk:
-            k = length_normalized(q)
-        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
-        o = local_attention(
-            q[:, None], k[:, None], v[:, None], mask, is_causal=self._causal,
-            chunk_len=self._chunk_len, n_chunks_before=self._n_chunks_before,
-            n_chunks_after=self._n_chunks_after, exclude_self=self._share_qk,
-            dropout_rate=self._attention_dropout, dropout_rng=attend_rng)[:, 0]
-        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
-        return out, state
+        return q, length_normalized(q) if self._share_qk else k, v, w_o
 
-
-from labkit.attention.lsh import default_n_buckets, lsh_attention_head, lsh_buckets  # noqa: E402 - lab 02 section
+    def attend(self, q, k, v, mask, rng):
+        """Chunked local attention with Trax's options."""
+        return local_attention(q, k, v, None, mask, is_causal=self._causal, chunk_len=self._chunk_len,
+                               n_chunks_before=self._n_chunks_before, n_chunks_after=self._n_chunks_after,
+                               exclude_self=self._share_qk, dropout_rate=self._attention_dropout, prng_key=rng)
 
 
 class LSHSelfAttention(tl.LSHSelfAttention):
@@ -93,17 +160,14 @@ class LSHSelfAttention(tl.LSHSelfAttention):
         o = lsh_attention_head(
             q, v, buckets, mask, n_hashes=self._n_hashes, is_causal=self._causal, chunk_len=self._chunk_len,
             n_chunks_before=self._n_chunks_before, n_chunks_after=self._n_chunks_after,
-            dropout_rate=self._attention_dropout, dropout_rng=attend_rng)
+            dropout_rate=self._attention_dropout, prng_key=attend_rng)
         out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
         return out, state
 
 
 # ---------------------------------------------------------------- lab 04: linear attention
 
-from labkit.attention.linear import FeatureMap, linear_attention  # noqa: E402 - appended section, lab 04
-
-
-class LinearSelfAttention(tl.SelfAttention):
+class LinearSelfAttention(AttentionLayer):
     """`tl.SelfAttention` whose per-head attention is `labkit.attention.linear.linear_attention`.
 
     Same constructor arguments and weights as `tl.SelfAttention`, plus `feature_map` ("elu" = elu + 1,
@@ -118,39 +182,23 @@ class LinearSelfAttention(tl.SelfAttention):
     forms the attention matrix it would drop entries from. `output_dropout` works as in Trax.
     """
 
+    unsupported = ("predict", "share_qk", "n_chunks")
+    predict_hint = "; decode with labkit.attention.linear.recurrent_step or generate"
+
     def __init__(self, *args, feature_map: FeatureMap = "elu", eps: float = 1e-6, **kwargs):
-        if kwargs.get("mode") == "predict":
-            raise ValueError("LinearSelfAttention does not implement mode='predict'; decode with "
-                             "labkit.attention.linear.recurrent_step or generate")
         super().__init__(*args, **kwargs)
-        if self._share_qk:
-            raise ValueError("LinearSelfAttention does not support share_qk=True")
-        if self._n_chunks_before or self._n_chunks_after:
-            raise ValueError("LinearSelfAttention attends to the whole (causal) prefix: n_chunks_before and "
-                             f"n_chunks_after must be 0, got {self._n_chunks_before}, {self._n_chunks_after}")
         self._feature_map = feature_map
         self._eps = eps
 
-    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
-        del update_state
-        q, k, v, w_o = project_qkv(x, weights, share_qk=False, bias=self._bias)
-        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, S]
-        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
-        o = linear_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, is_causal=self._causal,
-                             feature_map=self._feature_map, chunk_size=self._chunk_len, eps=self._eps)[:, 0]
-        _, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
-        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
-        return out, state
+    def attend(self, q, k, v, mask, rng):
+        """Linear attention with the layer's feature map; `chunk_len` is the chunkwise form's chunk."""
+        return linear_attention(q, k, v, None, mask, is_causal=self._causal, feature_map=self._feature_map,
+                                chunk_size=self._chunk_len, eps=self._eps)
 
 
 # ---------------------------------------------------------------- lab 03: memory-efficient exact attention
 
-from labkit.attention.chunked import (  # noqa: E402 - appended section, lab 03
-    DEFAULT_KEY_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, memory_efficient_attention)
-
-
-class MemoryEfficientSelfAttention(tl.SelfAttention):
+class MemoryEfficientSelfAttention(AttentionLayer):
     """`tl.SelfAttention` computed by `labkit.attention.chunked.memory_efficient_attention` (Rabe & Staats).
 
     Same constructor arguments and weights as `tl.SelfAttention`, plus `query_chunk_size`, `key_chunk_size`,
@@ -168,54 +216,58 @@ class MemoryEfficientSelfAttention(tl.SelfAttention):
     `skip_blocks=False` (no conditionals inside loops).
     """
 
+    unsupported = ("predict", "share_qk", "chunk_len", "attention_dropout")
+
     def __init__(self, *args, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
                  key_chunk_size: int = DEFAULT_KEY_CHUNK_SIZE, checkpoint: bool = True, skip_blocks: bool = True,
                  **kwargs):
-        if kwargs.get("mode") == "predict":
-            raise ValueError("MemoryEfficientSelfAttention does not implement mode='predict'")
         super().__init__(*args, **kwargs)
-        if self._share_qk:
-            raise ValueError("MemoryEfficientSelfAttention does not support share_qk=True")
-        if self._chunk_len is not None:
-            raise ValueError(f"MemoryEfficientSelfAttention attends to the whole sequence: chunk_len must be None, "
-                             f"got {self._chunk_len} (use DotProductSelfAttention for local attention)")
-        if self._attention_dropout:
-            raise ValueError(f"MemoryEfficientSelfAttention does not support attention_dropout "
-                             f"(got {self._attention_dropout}); use output_dropout")
-        self._query_chunk_size = query_chunk_size
-        self._key_chunk_size = key_chunk_size
-        self._checkpoint = checkpoint
-        self._skip_blocks = skip_blocks
+        self._chunk_options = dict(query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+                                   checkpoint=checkpoint, skip_blocks=skip_blocks)
 
-    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
-        del update_state
-        q, k, v, w_o = project_qkv(x, weights, share_qk=False, bias=self._bias)
-        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, S]
-        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
-        o = memory_efficient_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, is_causal=self._causal,
-                                       query_chunk_size=self._query_chunk_size,
-                                       key_chunk_size=self._key_chunk_size, checkpoint=self._checkpoint,
-                                       skip_blocks=self._skip_blocks)[:, 0]
-        _, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
-        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
-        return out, state
+    def attend(self, q, k, v, mask, rng):
+        """Exact attention, block by block."""
+        return memory_efficient_attention(q, k, v, None, mask, is_causal=self._causal, **self._chunk_options)
+
+
+# ---------------------------------------------------------------- sliding-window attention
+
+class SlidingWindowSelfAttention(AttentionLayer):
+    """`tl.SelfAttention` restricted to a band: `labkit.attention.sliding_window.sliding_window_attention`.
+
+    Same constructor arguments and weights as `tl.SelfAttention`, plus `window` (query i sees keys
+    `i - window < j <= i` when `causal`, `|i - j| < window` otherwise) and `block_size` (queries per block,
+    default `window`; memory only). With `window >= T` it computes exactly `tl.SelfAttention`. With
+    `masked=True` the mask hides exactly the positions it marks (as `DotProductSelfAttention`).
+
+    Not supported (rejected in the constructor): `share_qk`, `chunk_len` and `n_chunks_before/after` (the
+    band is `window`, not Trax's wrapped chunks), `attention_dropout > 0` and `mode='predict'`.
+    """
+
+    unsupported = ("predict", "share_qk", "attention_dropout", "chunk_len", "n_chunks")
+
+    def __init__(self, *args, window: int, block_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        positive_int("window", window)
+        positive_int("block_size", block_size, allow_none=True)
+        self._window, self._block_size = window, block_size
+
+    def attend(self, q, k, v, mask, rng):
+        """Band-limited exact attention, block by block."""
+        return sliding_window_attention(q, k, v, None, mask, is_causal=self._causal, window=self._window,
+                                        block_size=self._block_size)
 
 
 # ---------------------------------------------------------------- lab 07: LEAP
 
-from labkit.attention.leap import leap_attention, leap_attention_bidirectional  # noqa: E402 - lab 07 section
-from labkit.attention.positional import rotary as rotary_embedding  # noqa: E402 - lab 07 section
-
-
-class LEAPSelfAttention(tl.SelfAttention):
+class LEAPSelfAttention(AttentionLayer):
     """LEAP attention (`labkit.attention.leap`) as a Trax layer: four projections per head instead of three.
 
     Weight layout (stacked over heads by Trax, so each entry has a leading `n_heads` axis):
     `(w_q, w_f, w_k, w_v, w_o)` with `w_q, w_f, w_k [d_model, d_qk]`, `w_v [d_model, d_v]`,
     `w_o [d_v, d_model]`; with `bias=True` followed by `(b_q, b_f, b_k, b_v)`. So it is NOT weight-compatible
     with `tl.SelfAttention` (which has no focus projection `w_f`). Per head: `q, f, k, v = x @ w_* (+ b_*)`,
-    `o = leap_attention(q, f, k, v)`, and the layer returns the sum over heads of `o @ w_o`.
+    `o = leap_attention(q, k, v, focus=f)`, and the layer returns the sum over heads of `o @ w_o`.
 
     Extra constructor arguments: `window` (None = global LEAP), `rescale` (None or the strong-scaling
     constant), `rotary` (rotate q, f, k by their positions: the focus logits `f_j . k_j` are unchanged and the
@@ -226,14 +278,12 @@ class LEAPSelfAttention(tl.SelfAttention):
     (use `window`), `mode='predict'` (decode with `labkit.attention.leap.leap_step` / `generate`).
     """
 
+    unsupported = ("predict", "share_qk")
+    predict_hint = "; decode with labkit.attention.leap.leap_step or generate"
+
     def __init__(self, *args, window: int | None = None, rescale: float | None = None, rotary: bool = False,
                  **kwargs):
-        if kwargs.get("mode") == "predict":
-            raise ValueError("LEAPSelfAttention does not implement mode='predict'; decode with "
-                             "labkit.attention.leap.leap_step or generate")
         super().__init__(*args, **kwargs)
-        if self._share_qk:
-            raise ValueError("LEAPSelfAttention does not support share_qk=True (it has separate focus and key projections)")
         if self._chunk_len is not None or self._n_chunks_before or self._n_chunks_after:
             raise ValueError("LEAPSelfAttention takes window=..., not chunk_len/n_chunks_before/n_chunks_after")
         self._window = window
@@ -257,26 +307,22 @@ class LEAPSelfAttention(tl.SelfAttention):
     def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
         """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
         del update_state
+        _, output_rng = jax.random.split(rng)  # Trax's split, so dropout masks agree
         w_q, w_f, w_k, w_v, w_o = weights[:5]
         b_q, b_f, b_k, b_v = weights[5:] if self._bias else (0.0,) * 4
         # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
         q, f, k, v = ((x @ w + b)[:, None] for w, b in ((w_q, b_q), (w_f, b_f), (w_k, b_k), (w_v, b_v)))
+        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [T] -> [N 1, 1, T]
         if self._rotary:
             q, f, k = (rotary_embedding(a) for a in (q, f, k))
-        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, T]
-        attend = leap_attention if self._causal else leap_attention_bidirectional
-        o = attend(q, f, k, v, window=self._window, rescale=self._rescale, mask=key_mask)[:, 0]
-        _, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
-        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
-        return out, state
+        o = leap_attention(q, k, v, None, key_mask, focus=f, is_causal=self._causal, window=self._window,
+                           rescale=self._rescale)[:, 0]
+        return apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng), state
 
 
 # ---------------------------------------------------------------- lab 05: kernel attention (FAVOR+)
 
-from labkit.attention.kernel import kernel_attention  # noqa: E402 - appended section, lab 05
-
-
-class KernelSelfAttention(tl.SelfAttention):
+class KernelSelfAttention(AttentionLayer):
     """`tl.SelfAttention` whose per-head attention is `labkit.attention.kernel.kernel_attention` (FAVOR+ & co).
 
     Same constructor arguments and weights as `tl.SelfAttention`, plus Model Garden's `KernelAttention` options:
@@ -294,48 +340,32 @@ class KernelSelfAttention(tl.SelfAttention):
     linear forms); `output_dropout` works as in Trax.
     """
 
+    unsupported = ("predict", "share_qk", "n_chunks")
+
     def __init__(self, *args, feature_transform="exp", num_random_features: int = 256, seed: int = 0,
                  redraw: bool = False, is_short_seq: bool = False, begin_kernel: int = 0, scale=None,
                  scale_by_length: bool = False, use_causal_windowed: bool = False, causal_chunk_length: int = 1,
                  causal_window_length: int = 3, causal_window_decay=None, causal_padding=None, **kwargs):
-        if kwargs.get("mode") == "predict":
-            raise ValueError("KernelSelfAttention does not implement mode='predict'")
         super().__init__(*args, **kwargs)
-        if self._share_qk:
-            raise ValueError("KernelSelfAttention does not support share_qk=True")
-        if self._n_chunks_before or self._n_chunks_after:
-            raise ValueError("KernelSelfAttention attends to all (causal) keys: n_chunks_before and n_chunks_after "
-                             f"must be 0, got {self._n_chunks_before}, {self._n_chunks_after}")
         if use_causal_windowed and not self._causal:
             raise ValueError("use_causal_windowed=True needs causal=True")
         if redraw and num_random_features <= 0:
             raise ValueError("there is nothing to redraw when num_random_features <= 0")
+        self._redraw, self._fixed_key = redraw, jax.random.PRNGKey(seed)
         self._kernel_options = dict(
             feature_transform=feature_transform, num_random_features=num_random_features,
-            prng_key=jax.random.PRNGKey(seed), redraw=redraw, is_short_seq=is_short_seq, begin_kernel=begin_kernel,
-            scale=scale, scale_by_length=scale_by_length,
+            is_short_seq=is_short_seq, begin_kernel=begin_kernel, scale=scale, scale_by_length=scale_by_length,
             causal_chunk_length=causal_chunk_length if use_causal_windowed else self._chunk_len,
             causal_window_length=causal_window_length if use_causal_windowed else None,
             causal_window_decay=causal_window_decay, causal_padding=causal_padding)
 
-    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
-        del update_state
-        attend_rng, output_rng = jax.random.split(rng)  # the same split as Trax, so dropout masks agree
-        q, k, v, w_o = project_qkv(x, weights, share_qk=False, bias=self._bias)
-        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [heads 1, 1, S]
-        # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
-        o = kernel_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, is_causal=self._causal,
-                             training=self._mode == "train", rng=attend_rng, **self._kernel_options)[:, 0]
-        out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
-        return out, state
+    def attend(self, q, k, v, mask, rng):
+        """Kernel attention; the projection is redrawn from this call's rng only when training with `redraw`."""
+        key = rng if self._redraw and self._mode == "train" else self._fixed_key
+        return kernel_attention(q, k, v, None, mask, is_causal=self._causal, prng_key=key, **self._kernel_options)
 
 
 # ---------------------------------------------------------------- lab 06: Linformer
-
-from labkit.attention.linformer import (  # noqa: E402 - appended section, lab 06
-    CHECKPOINT_LEVELS, linformer_self_attention, projection_shape)
-
 
 class LinformerSelfAttention(tl.SelfAttention):
     """`tl.SelfAttention` whose attention is Linformer's: keys and values projected along the sequence.
@@ -360,12 +390,11 @@ class LinformerSelfAttention(tl.SelfAttention):
 
     def __init__(self, *args, max_len: int = 512, proj_k: int = 64, sharing: str = "none",
                  checkpoint: str = "C0", **kwargs):
-        if kwargs.get("mode") == "predict":
-            raise ValueError("LinformerSelfAttention has no fast decoding (mode='predict')")
+        refuse("LinformerSelfAttention", ("predict",), mode=kwargs.get("mode", "train"),
+               predict_hint=": Linformer has no fast decoding")
         super().__init__(*args, **kwargs)
-        if self._causal or self._share_qk or self._chunk_len:
-            raise ValueError("LinformerSelfAttention supports neither causal=True, share_qk=True nor chunk_len: "
-                             f"got causal={self._causal}, share_qk={self._share_qk}, chunk_len={self._chunk_len}")
+        refuse("LinformerSelfAttention", ("causal", "share_qk", "chunk_len"), causal=self._causal,
+               share_qk=self._share_qk, chunk_len=self._chunk_len)
         if sharing == "layerwise":
             raise ValueError("sharing='layerwise' spans several layers: use "
                              "labkit.attention.linformer.init_projections / linformer_self_attention")
@@ -399,6 +428,6 @@ class LinformerSelfAttention(tl.SelfAttention):
         attend_rng, output_rng = jax.random.split(self.rng)
         out = linformer_self_attention(
             x, qkvo, proj[0], proj[1] if n == 2 else None, mask=mask, bias=self._bias,
-            checkpoint=self._checkpoint, dropout_rate=self._attention_dropout, dropout_rng=attend_rng)
+            checkpoint=self._checkpoint, dropout_rate=self._attention_dropout, prng_key=attend_rng)
         # Trax uses one output-dropout mask for every head and example, so dropping the sum is the same.
         return apply_broadcasted_dropout(out, self._output_dropout, output_rng).astype(x.dtype)

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_qkv
+
 from labkit.attention.chunked import memory_efficient_attention
 from labkit.attention.dense import dot_product_attention
 
@@ -33,12 +35,7 @@ def brute_force(q, k, v, bias=None, mask=None, causal=False):
     return out
 
 
-def _qkv(seed, batch, t, s, n=2, h=4, hv=None, scale=1.0):
-    rng = np.random.default_rng(seed)
-    q = rng.normal(size=batch + (t, n, h)) * scale
-    k = rng.normal(size=batch + (s, n, h)) * scale
-    v = rng.normal(size=batch + (s, n, hv or h))
-    return [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+_qkv = functools.partial(random_qkv, as_jax=True)
 
 
 def _chunked(qc, kc, causal, checkpoint=True):

@@ -1,9 +1,13 @@
 """labkit's dense attention against jax.nn.dot_product_attention and a float64 numpy computation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from helpers import random_qkv
 
 from labkit.attention.dense import attention_weights, dot_product_attention
 
@@ -26,11 +30,7 @@ def numpy_attention(q, k, v, mask=None, causal=False, bias=None, scale=None):
     return np.einsum("nts,snh->tnh", p, v)
 
 
-def _qkv(rng, batch, t, s, n, h, hv=None, scale=1.0):
-    q = rng.normal(size=batch + (t, n, h)) * scale
-    k = rng.normal(size=batch + (s, n, h)) * scale
-    v = rng.normal(size=batch + (s, n, hv or h))
-    return [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+_qkv = functools.partial(random_qkv, as_jax=True)
 
 
 @pytest.mark.parametrize("batch", [(), (2,), (2, 3)])

@@ -3,20 +3,19 @@ numpy float64 feature formulas, the quadratic masked form of the same features i
 statistical checks of the estimator with fixed seeds, exact softmax attention, Trax's tl.FavorAttention /
 tl.CausalFavorAttention and tl.SelfAttention."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import qkv_of_shape
+
 from labkit.attention import kernel as ka
 from labkit.attention.dense import dot_product_attention
 
 
-def _qkv(seed, shape, scale=0.5, dv=None):
-    r = np.random.default_rng(seed)
-    q, k = (r.normal(size=shape) * scale).astype(np.float32), (r.normal(size=shape) * scale).astype(np.float32)
-    v = r.normal(size=shape[:-1] + (dv or shape[-1],)).astype(np.float32)
-    return q, k, v
+_qkv = functools.partial(qkv_of_shape, scale=0.5)
 
 
 def quadratic(phi_q, phi_k, v, weights=None, eps=1e-6):
@@ -221,21 +220,15 @@ def test_mask_hides_keys_in_every_form():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(opts))
 
 
-def test_seed_and_redraw():
+def test_the_projection_comes_from_prng_key():
     q, k, v = _qkv(9, (1, 8, 2, 8))
     fixed = ka.kernel_attention(q, k, v, num_random_features=32, prng_key=jax.random.PRNGKey(7))
     np.testing.assert_array_equal(fixed, ka.kernel_attention(q, k, v, num_random_features=32,
                                                              prng_key=jax.random.PRNGKey(7)))
     assert not np.allclose(fixed, ka.kernel_attention(q, k, v, num_random_features=32,
                                                       prng_key=jax.random.PRNGKey(8)))
-    opts = dict(num_random_features=32, prng_key=jax.random.PRNGKey(7), redraw=True)
-    for rng in (jax.random.PRNGKey(1), jax.random.PRNGKey(2)):  # evaluation keeps the fixed projection
-        np.testing.assert_array_equal(ka.kernel_attention(q, k, v, training=False, rng=rng, **opts), fixed)
-    t1 = ka.kernel_attention(q, k, v, training=True, rng=jax.random.PRNGKey(1), **opts)
-    t2 = ka.kernel_attention(q, k, v, training=True, rng=jax.random.PRNGKey(2), **opts)
-    assert not np.allclose(t1, t2) and not np.allclose(t1, fixed)
-    with pytest.raises(ValueError, match="rng"):
-        ka.kernel_attention(q, k, v, training=True, **opts)
+    w = ka.random_projection(jax.random.PRNGKey(7), 32, 8)
+    np.testing.assert_array_equal(fixed, ka.kernel_attention(q, k, v, projection=w))
 
 
 def test_bad_arguments_are_named():

@@ -91,3 +91,36 @@ def test_trains_inside_a_small_language_model():
         weights = jax.tree_util.tree_map(lambda w, d: w - 0.1 * d, weights, g)
         last, g = value_and_grad(weights)
     assert last < first
+
+
+# ---------------------------------------------------------------- every registered family's layer
+
+def _registered_layers():
+    from labkit.attention import FAMILIES
+
+    return [pytest.param(family, causal, id=f"{family.name}-{'causal' if causal else 'full'}")
+            for family in FAMILIES.values() if family.layer for causal in family.causal]
+
+
+@pytest.mark.parametrize("family,causal", _registered_layers())
+def test_each_registered_layer_is_a_drop_in_for_self_attention(family, causal):
+    """Built from tl.SelfAttention's arguments, jitted forward and gradient; exact families give Trax's outputs."""
+    import labkit.layers
+
+    cls = getattr(labkit.layers, family.layer)
+    base = tl.LSHSelfAttention if issubclass(cls, tl.LSHSelfAttention) else tl.SelfAttention
+    kwargs = dict(n_heads=2, d_qk=4, d_v=4, causal=causal, mode="train")
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 13, 8)), jnp.float32)
+    ours = cls(**kwargs, **family.layer_options)
+    ours.init(shapes.signature(x), rng=jax.random.PRNGKey(0))
+    rng = jax.random.PRNGKey(1)
+    loss = jax.jit(jax.value_and_grad(lambda w: (ours.pure_fn(x, w, ours.state, rng)[0] ** 2).sum()))
+    value, grads = loss(ours.weights)
+    assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all()
+                                             for g in jax.tree_util.tree_leaves(grads))
+    assert ours.pure_fn(x, ours.weights, ours.state, rng)[0].shape == x.shape
+    if family.exact and base is tl.SelfAttention:
+        ref = tl.SelfAttention(**kwargs)
+        ref.init(shapes.signature(x), rng=jax.random.PRNGKey(2))
+        np.testing.assert_allclose(ours.pure_fn(x, ref.weights, ref.state, rng)[0],
+                                   ref.pure_fn(x, ref.weights, ref.state, rng)[0], atol=1e-5)

@@ -12,6 +12,11 @@ from labkit.attention.positional import alibi_slopes, rotary
 from recall_lm import VOCAB, train_recall_lm
 
 
+def _causal_leap(q, f, k, v, **options):
+    """Decoder LEAP with the focus in the (q, f, k, v) order the recurrences here are written in."""
+    return leap.leap_attention(q, k, v, focus=f, is_causal=True, **options)
+
+
 def leap_loop(q, f, k, v, *, window=None, mask=None, scale=None, rescale=None, alibi=None):
     """The definition, one head and position at a time, float64: q/f/k `[T, N, d]`, v `[T, N, dv]`, mask `[T]`."""
     q, f, k, v = (np.asarray(a, np.float64) for a in (q, f, k, v))
@@ -50,7 +55,7 @@ def _qfkv(seed, t, n, d, dv=None, scale=1.0):
 def test_every_window_matches_the_direct_loop(t):
     q, f, k, v = _qfkv(t, t, 2, 4, 3)
     for window in list(range(1, t + 2)) + [None]:  # every window size, including w = T and w > T
-        got = leap.leap_attention(q, f, k, v, window=window)
+        got = leap.leap_attention(q, k, v, focus=f, is_causal=True, window=window)
         np.testing.assert_allclose(got, leap_loop(q, f, k, v, window=window), atol=2e-6, rtol=1e-5,
                                    err_msg=f"window={window}")
 
@@ -59,7 +64,7 @@ def test_batch_axes_and_options_match_the_loop():
     r = np.random.default_rng(1)
     q, f, k, v = (r.normal(size=(2, 3, 9, 2, 4)).astype(np.float32) for _ in range(4))
     slopes = np.array([0.5, -0.25], np.float32)
-    got = leap.leap_attention(q, f, k, v, window=4, rescale=8.0, alibi=slopes)
+    got = leap.leap_attention(q, k, v, focus=f, is_causal=True, window=4, rescale=8.0, alibi=slopes)
     assert got.shape == v.shape and got.dtype == jnp.float32
     for b in np.ndindex(2, 3):
         np.testing.assert_allclose(got[b], leap_loop(q[b], f[b], k[b], v[b], window=4, rescale=8.0, alibi=slopes),
@@ -71,7 +76,7 @@ def test_padding_mask_positions_get_no_focus(window):
     q, f, k, v = _qfkv(2, 12, 2, 4)
     mask = np.random.default_rng(3).random(12) > 0.4
     mask[:3] = False  # a leading run of padding: those outputs have nothing to attend to -> 0
-    got = leap.leap_attention(q, f, k, v, window=window, mask=mask[None, None, :])
+    got = leap.leap_attention(q, k, v, focus=f, is_causal=True, window=window, mask=mask[None, None, :])
     np.testing.assert_allclose(got, leap_loop(q, f, k, v, window=window, mask=mask), atol=2e-6, rtol=1e-5)
     np.testing.assert_array_equal(got[:3], 0.0)
 
@@ -82,7 +87,7 @@ def test_large_logits_stay_finite_and_exact(window):
     q, f, k, v = _qfkv(4, 20, 2, 8, scale=30.0)
     logits = np.einsum("tnd,tnd->tn", f, k) / np.sqrt(8)
     assert np.abs(logits).max() > 1e3
-    got = leap.leap_attention(q, f, k, v, window=window)
+    got = leap.leap_attention(q, k, v, focus=f, is_causal=True, window=window)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, leap_loop(q, f, k, v, window=window), atol=1e-5, rtol=1e-5)
 
@@ -120,7 +125,7 @@ def test_loop_of_steps_equals_parallel_form_and_the_loop(window):
     for t in range(10):
         state, out_t = leap.leap_step(state, q[t], f[t], k[t], v[t], mask_t=mask[t], alibi=slopes)
         outs.append(out_t)
-    parallel = leap.leap_attention(q, f, k, v, window=window, mask=mask[None, None], alibi=slopes)
+    parallel = leap.leap_attention(q, k, v, focus=f, is_causal=True, window=window, mask=mask[None, None], alibi=slopes)
     np.testing.assert_allclose(np.stack(outs), parallel, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(parallel, leap_loop(q, f, k, v, window=window, mask=mask, alibi=np.asarray(slopes)),
                                atol=1e-5, rtol=1e-5)
@@ -145,7 +150,7 @@ def test_generate_feeds_outputs_back_and_matches_the_parallel_form(window):
     _, inputs, outputs = leap.generate(project, readout, x0, 9, state)
     q, f, k, v = project(inputs.reshape(-1, 4))
     q, f, k, v = (a.reshape(9, 2, 3, 4).transpose(1, 0, 2, 3) for a in (q, f, k, v))
-    parallel = leap.leap_attention(q, f, k, v, window=window)
+    parallel = leap.leap_attention(q, k, v, focus=f, is_causal=True, window=window)
     np.testing.assert_allclose(outputs.transpose(1, 0, 2, 3), parallel, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(inputs[1:], readout(None, outputs[:-1]), atol=1e-6)
 
@@ -156,12 +161,12 @@ def test_bidirectional_is_the_mean_of_both_directions():
     q, f, k, v = _qfkv(8, 9, 2, 4)
     mask = np.ones(9, bool)
     mask[6] = False
-    got = leap.leap_attention_bidirectional(q, f, k, v, window=3, mask=mask[None, None])
+    got = leap.leap_attention(q, k, v, focus=f, window=3, mask=mask[None, None])
     rev = lambda a: a[::-1]
     want = (leap_loop(q, f, k, v, window=3, mask=mask)
             + rev(leap_loop(rev(q), rev(f), rev(k), rev(v), window=3, mask=mask[::-1]))) / 2
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
-    both = leap.leap_attention_bidirectional(q, f, k, v, combine="concat")
+    both = leap.leap_attention(q, k, v, focus=f, combine="concat")
     assert both.shape == (9, 2, 8)
 
 
@@ -170,7 +175,7 @@ def test_explanation_weights_reproduce_the_output(window):
     q, f, k, v = _qfkv(9, 11, 2, 4)
     mask = np.ones(11, bool)
     mask[2] = False
-    expl = leap.leap_explain(q, f, k, v, window=window, mask=mask[None, None])
+    expl = leap.leap_explain(q, k, v, focus=f, window=window, mask=mask[None, None])
     assert expl.shape == (2, 11, 11)
     e = np.asarray(expl)
     assert (np.triu(e[0], 1) == 0).all() and (e[:, :, 2] == 0).all()
@@ -184,7 +189,7 @@ def test_explanation_weights_reproduce_the_output(window):
 
 def _dense_leap(q, f, k, v, window, mask):
     """Independent dense form: output = explain-matrix @ v (autodiff differentiates the [T, T] softmax)."""
-    return jnp.einsum("ntj,jnv->tnv", leap.leap_explain(q, f, k, v, window=window, mask=mask), v)
+    return jnp.einsum("ntj,jnv->tnv", leap.leap_explain(q, k, v, focus=f, window=window, mask=mask), v)
 
 
 @pytest.mark.parametrize("window,masked", [(None, False), (1, True), (3, True)])
@@ -197,9 +202,9 @@ def test_custom_vjp_gradient_matches_autodiff(window, masked):
         mask = m[None, None]
     cot = jnp.asarray(np.random.default_rng(11).normal(size=(10, 2, 3)).astype(np.float32))
     args = tuple(map(jnp.asarray, (q, f, k, v)))
-    custom = jax.grad(lambda *a: jnp.sum(cot * leap.leap_attention(*a, window=window, mask=mask)),
+    custom = jax.grad(lambda *a: jnp.sum(cot * _causal_leap(*a, window=window, mask=mask)),
                       argnums=(0, 1, 2, 3))(*args)
-    scans = jax.grad(lambda *a: jnp.sum(cot * leap.leap_attention(*a, window=window, mask=mask, recompute_grad=False)),
+    scans = jax.grad(lambda *a: jnp.sum(cot * _causal_leap(*a, window=window, mask=mask, recompute_grad=False)),
                      argnums=(0, 1, 2, 3))(*args)
     dense = jax.grad(lambda *a: jnp.sum(cot * _dense_leap(*a, window, mask)), argnums=(0, 1, 2, 3))(*args)
     for name, c, s, d in zip("qfkv", custom, scans, dense):
@@ -210,7 +215,7 @@ def test_custom_vjp_gradient_matches_autodiff(window, masked):
 def test_gradient_is_finite_and_matches_finite_differences_at_large_logits():
     q, f, k, v = _qfkv(12, 8, 1, 4, scale=20.0)
     direction = [np.random.default_rng(13 + i).normal(size=a.shape) for i, a in enumerate((q, f, k, v))]
-    loss = lambda *a: jnp.sum(jnp.sin(leap.leap_attention(*a, window=3)))
+    loss = lambda *a: jnp.sum(jnp.sin(_causal_leap(*a, window=3)))
     grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, f, k, v)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
     eps = 1e-3
@@ -225,9 +230,9 @@ def test_gradient_is_finite_and_matches_finite_differences_at_large_logits():
 
 def test_rotary_makes_leap_depend_only_on_relative_positions():
     q, f, k, v = _qfkv(14, 12, 2, 8)
-    out = lambda offset: leap.leap_attention(*(rotary(a, jnp.arange(12) + offset) for a in (q, f, k)), v, window=5)
+    out = lambda offset: _causal_leap(*(rotary(a, jnp.arange(12) + offset) for a in (q, f, k)), v, window=5)
     np.testing.assert_allclose(out(0), out(1000), atol=2e-5, rtol=1e-4)
-    assert not np.allclose(out(0), leap.leap_attention(q, f, k, v, window=5), atol=1e-3)  # it does change LEAP
+    assert not np.allclose(out(0), leap.leap_attention(q, k, v, focus=f, is_causal=True, window=5), atol=1e-3)  # it does change LEAP
     # rotation preserves dot products between equal positions and rotates them between different ones
     r = np.asarray(rotary(q, jnp.arange(12) + 7))
     np.testing.assert_allclose(np.linalg.norm(r, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
@@ -236,7 +241,7 @@ def test_rotary_makes_leap_depend_only_on_relative_positions():
 def test_alibi_is_invariant_to_shifting_positions():
     q, f, k, v = _qfkv(15, 9, 2, 4)
     slopes = alibi_slopes(2)
-    base = leap.leap_attention(q, f, k, v, alibi=slopes)
+    base = leap.leap_attention(q, k, v, focus=f, is_causal=True, alibi=slopes)
     state = leap.init_state((), 2, 4, 4)._replace(pos=jnp.asarray(500, jnp.int32))  # start at position 500
     outs = []
     for t in range(9):
@@ -248,13 +253,13 @@ def test_alibi_is_invariant_to_shifting_positions():
 def test_bad_arguments_raise_clear_errors():
     q, f, k, v = _qfkv(16, 5, 1, 4)
     with pytest.raises(ValueError, match="window"):
-        leap.leap_attention(q, f, k, v, window=0)
+        leap.leap_attention(q, k, v, focus=f, is_causal=True, window=0)
     with pytest.raises(ValueError, match="focus"):
-        leap.leap_attention(q, f[:, :, :3], k, v)
+        leap.leap_attention(q, k, v, focus=f[:, :, :3], is_causal=True)
     with pytest.raises(TypeError, match="mask"):
-        leap.leap_attention(q, f, k, v, mask=np.ones(5))
+        leap.leap_attention(q, k, v, focus=f, is_causal=True, mask=np.ones(5))
     with pytest.raises(TypeError, match="query"):
-        leap.leap_attention(q.astype(np.int32), f, k, v)
+        leap.leap_attention(q.astype(np.int32), k, v, focus=f, is_causal=True)
 
 
 # ---------------------------------------------------------------- the Trax layer

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import qkv_of_shape
+
 from labkit.attention import linear as la
 from recall_lm import train_recall_lm
 
@@ -35,11 +37,7 @@ def dense_linear(q, k, v, *, causal, fm=_elu1, key_mask=None, eps=1e-6):
     return num / (den + eps)
 
 
-def _qkv(seed, shape, dv=None):
-    r = np.random.default_rng(seed)
-    q, k = r.normal(size=shape).astype(np.float32), r.normal(size=shape).astype(np.float32)
-    v = r.normal(size=shape[:-1] + (dv or shape[-1],)).astype(np.float32)
-    return q, k, v
+_qkv = qkv_of_shape
 
 
 # ---------------------------------------------------------------- forward: every form vs the dense formula

@@ -1,20 +1,19 @@
 """Linformer attention against independent references: float64 numpy, dense attention, Trax's SelfAttention."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from helpers import random_qkv
 
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.linformer import (init_projections, k_schedule, linformer_attention, num_projection_params,
                                         projection_shape)
 
 
-def _qkv(rng, t=10, s=10, n=2, h=4, hv=None, batch=(2,)):
-    q = rng.normal(size=batch + (t, n, h)).astype(np.float32)
-    k = rng.normal(size=batch + (s, n, h)).astype(np.float32)
-    v = rng.normal(size=batch + (s, n, hv or h)).astype(np.float32)
-    return q, k, v
+_qkv = functools.partial(random_qkv, batch=(2,), t=10)
 
 
 def _numpy_linformer(q, k, v, e, f, valid=None):
@@ -42,10 +41,10 @@ def _numpy_linformer(q, k, v, e, f, valid=None):
 def test_identity_projection_with_k_equal_n_is_dense_attention(rng):
     q, k, v = _qkv(rng, t=7, s=12, hv=6)
     eye = jnp.eye(12)
-    np.testing.assert_allclose(linformer_attention(q, k, v, eye, eye), dot_product_attention(q, k, v),
+    np.testing.assert_allclose(linformer_attention(q, k, v, e_proj=eye, f_proj=eye), dot_product_attention(q, k, v),
                                atol=1e-5, rtol=1e-5)
     per_head = jnp.stack([eye, eye])  # [N, n, n]
-    np.testing.assert_allclose(linformer_attention(q, k, v, per_head), dot_product_attention(q, k, v),
+    np.testing.assert_allclose(linformer_attention(q, k, v, e_proj=per_head), dot_product_attention(q, k, v),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -55,7 +54,7 @@ def test_random_projections_match_float64_loop(rng, per_head, kv_shared):
     shape = (2, 5, 16) if per_head else (5, 16)
     e = rng.normal(size=shape).astype(np.float32) / np.sqrt(5)
     f = e if kv_shared else rng.normal(size=shape).astype(np.float32) / np.sqrt(5)
-    got = linformer_attention(q, k, v, e, None if kv_shared else f)
+    got = linformer_attention(q, k, v, e_proj=e, f_proj=None if kv_shared else f)
     np.testing.assert_allclose(got, _numpy_linformer(q, k, v, e, f), atol=2e-5, rtol=1e-4)
 
 
@@ -66,36 +65,36 @@ def test_shorter_inputs_are_padded_and_masked_keys_ignored(rng):
     valid = np.ones((2, 9), bool)
     valid[0, 5:] = False
     valid[1, ::3] = False
-    got = linformer_attention(q, k, v, e, f, mask=valid)
+    got = linformer_attention(q, k, v, e_proj=e, f_proj=f, mask=valid[..., None, None, :])
     np.testing.assert_allclose(got, _numpy_linformer(q, k, v, e, f, valid), atol=2e-5, rtol=1e-4)
     # Whatever sits at hidden positions does not matter.
     k2, v2 = k.copy(), v.copy()
     k2[~valid] = 1e3
     v2[~valid] = -1e3
-    np.testing.assert_allclose(linformer_attention(q, k2, v2, e, f, mask=valid), got, atol=1e-5)
+    np.testing.assert_allclose(linformer_attention(q, k2, v2, e_proj=e, f_proj=f, mask=valid[..., None, None, :]), got, atol=1e-5)
 
 
 def test_padding_equals_explicit_zero_columns(rng):
     q, k, v = _qkv(rng, t=5, s=7)
     e = rng.normal(size=(3, 10)).astype(np.float32)
-    np.testing.assert_allclose(linformer_attention(q, k, v, e), linformer_attention(q, k, v, e[:, :7]),
+    np.testing.assert_allclose(linformer_attention(q, k, v, e_proj=e), linformer_attention(q, k, v, e_proj=e[:, :7]),
                                atol=1e-5)
 
 
 def test_longer_inputs_raise_naming_both_lengths(rng):
     q, k, v = _qkv(rng, t=5, s=20)
     with pytest.raises(ValueError, match=r"S = 20.*n = 16"):
-        linformer_attention(q, k, v, np.ones((4, 16), np.float32))
+        linformer_attention(q, k, v, e_proj=np.ones((4, 16), np.float32))
 
 
 def test_bad_arguments_raise():
     q = np.zeros((1, 4, 2, 3), np.float32)
     with pytest.raises(ValueError, match="e_proj and f_proj"):
-        linformer_attention(q, q, q, np.ones((3, 4, 8), np.float32))  # 3 heads of E for 2 heads
+        linformer_attention(q, q, q, e_proj=np.ones((3, 4, 8), np.float32))  # 3 heads of E for 2 heads
     with pytest.raises(ValueError, match="causal"):
-        linformer_attention(q, q, q, np.ones((4, 4), np.float32), is_causal=True)
-    with pytest.raises(ValueError, match="key padding mask"):
-        linformer_attention(q, q, q, np.ones((4, 4), np.float32), mask=np.ones((4, 4), bool))
+        linformer_attention(q, q, q, e_proj=np.ones((4, 4), np.float32), is_causal=True)
+    with pytest.raises(ValueError, match="hides keys for all queries"):
+        linformer_attention(q, q, q, e_proj=np.ones((4, 4), np.float32), mask=np.ones((4, 4), bool))
     with pytest.raises(ValueError, match="stride"):
         linformer_attention(q, q, q, downsample="mean")
 
@@ -105,10 +104,10 @@ def test_mean_pool_with_stride_one_is_masked_dense_attention(rng):
     valid = rng.random((2, 8)) > 0.3
     valid[:, 0] = True
     want = dot_product_attention(q, k, v, mask=valid[:, None, None, :])
-    np.testing.assert_allclose(linformer_attention(q, k, v, downsample="mean", stride=1, mask=valid), want,
+    np.testing.assert_allclose(linformer_attention(q, k, v, downsample="mean", stride=1, mask=valid[..., None, None, :]), want,
                                atol=1e-5, rtol=1e-5)
     ones = np.ones((1,), np.float32)
-    np.testing.assert_allclose(linformer_attention(q, k, v, ones, downsample="conv", mask=valid), want,
+    np.testing.assert_allclose(linformer_attention(q, k, v, e_proj=ones, downsample="conv", mask=valid[..., None, None, :]), want,
                                atol=1e-5, rtol=1e-5)
 
 
@@ -126,14 +125,14 @@ def test_mean_pool_and_conv_against_numpy_blocks(rng):
     kernel = rng.normal(size=(2, r)).astype(np.float32)  # one kernel per head
     ck = np.einsum("nr,bkrnh->bknh", kernel, kp.reshape(2, 3, r, 2, 4))
     cv = np.einsum("nr,bkrnh->bknh", kernel, vp.reshape(2, 3, r, 2, 4))
-    np.testing.assert_allclose(linformer_attention(q, k, v, kernel, downsample="conv"),
+    np.testing.assert_allclose(linformer_attention(q, k, v, e_proj=kernel, downsample="conv"),
                                dot_product_attention(q.astype(np.float64), ck, cv), atol=1e-5, rtol=1e-5)
 
 
 def test_fully_hidden_block_is_hidden_in_the_softmax(rng):
     q, k, v = _qkv(rng, t=4, s=8, batch=())
     valid = np.array([True] * 4 + [False] * 4)
-    got = linformer_attention(q, k, v, downsample="mean", stride=4, mask=valid)
+    got = linformer_attention(q, k, v, downsample="mean", stride=4, mask=valid[..., None, None, :])
     # Only the first block is visible: every query returns its mean value.
     np.testing.assert_allclose(got, np.broadcast_to(v[:4].mean(0), got.shape), atol=1e-5)
 
@@ -141,7 +140,7 @@ def test_fully_hidden_block_is_hidden_in_the_softmax(rng):
 def test_gradients_match_float64_finite_differences(rng):
     q, k, v = _qkv(rng, t=4, s=6, batch=())
     e = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32)
-    loss = lambda e: jnp.sum(jnp.sin(linformer_attention(q, k, v, e)))
+    loss = lambda e: jnp.sum(jnp.sin(linformer_attention(q, k, v, e_proj=e)))
     grad = jax.grad(loss)(e)
     direction = rng.normal(size=e.shape)
     eps = 1e-3
@@ -231,7 +230,7 @@ def test_layer_padding_mask_and_parameter_counts():
         e = layer.weights[4]
         f = layer.weights[5] if layer.n_projections == 2 else e
         q, k, v = (jnp.einsum("btd,ndh->btnh", x, w) for w in qkvo[:3])
-        want = jnp.einsum("btnh,nhd->btd", linformer_attention(q, k, v, e, f, mask=mask), qkvo[3])
+        want = jnp.einsum("btnh,nhd->btd", linformer_attention(q, k, v, e_proj=e, f_proj=f, mask=mask[..., None, None, :]), qkvo[3])
         np.testing.assert_allclose(out, want, atol=1e-5)
     assert counts == {"none": 2 * 2 * 5 * 16, "headwise": 2 * 5 * 16, "kv": 5 * 16}
     with pytest.raises(Exception, match="S = 20.*n = 16"):  # Trax wraps the ValueError in a LayerError

@@ -61,7 +61,7 @@ def test_lengths_the_chunk_does_not_divide(rng, t, chunk_len, causal):
     q, k, v = (rng.normal(size=(t, 3)).astype(np.float32) for _ in range(3))
     key_mask = rng.random(t) > 0.2
     key_mask[0] = True
-    ours = local_attention(q[:, None], k[:, None], v[:, None], key_mask, chunk_len=chunk_len, n_chunks_before=1,
+    ours = local_attention(q[:, None], k[:, None], v[:, None], mask=key_mask, chunk_len=chunk_len, n_chunks_before=1,
                            is_causal=causal)[:, 0]
     np.testing.assert_allclose(ours, brute_force(q, k, v, chunk_len, 1, 0, causal, key_mask), atol=1e-5)
 
@@ -97,5 +97,5 @@ def test_bad_arguments(rng):
         local_attention(q, q, q, chunk_len=0)
     with pytest.raises(ValueError, match="self-attention"):
         local_attention(q, q[:4], q[:4])
-    with pytest.raises(ValueError, match="dropout_rng"):
+    with pytest.raises(ValueError, match="prng_key"):
         local_attention(q, q, q, dropout_rate=0.1)

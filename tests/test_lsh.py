@@ -137,7 +137,7 @@ def test_lsh_attention_layout_and_per_head_keys():
     query, value = _normal(0, 2, 16, 3, 4), _normal(1, 2, 16, 3, 5)
     key = jax.random.PRNGKey(1)
     run = jax.jit(lsh_attention, static_argnames=("is_causal", "chunk_len", "n_hashes"))
-    out = run(query, value, is_causal=True, chunk_len=4, n_hashes=2, prng_key=key)
+    out = run(query, None, value, is_causal=True, chunk_len=4, n_hashes=2, prng_key=key)
     assert out.shape == (2, 16, 3, 5)
     keys = jax.random.split(key, 6)
     b, n = 1, 2  # example 1, head 2 used key 1 * 3 + 2
@@ -150,13 +150,13 @@ def test_lsh_attention_layout_and_per_head_keys():
 def test_bad_arguments_are_named():
     q = _normal(0, 1, 8, 2, 4)
     with pytest.raises(ValueError, match="prng_key"):
-        lsh_attention(q, q)
+        lsh_attention(q, None, q)
     with pytest.raises(ValueError, match="query and value"):
-        lsh_attention(q, q[:, :4], prng_key=jax.random.PRNGKey(0))
+        lsh_attention(q, None, q[:, :4], prng_key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="n_buckets must be even"):
         hash_vectors(q[0, :, 0], 3, 1, jax.random.PRNGKey(0))
     with pytest.raises(TypeError, match="query"):
-        lsh_attention(jnp.zeros((1, 8, 2, 4), jnp.int32), q, prng_key=jax.random.PRNGKey(0))
+        lsh_attention(jnp.zeros((1, 8, 2, 4), jnp.int32), None, q, prng_key=jax.random.PRNGKey(0))
 
 
 # ------------------------------------------------------------------------------------------ the Trax layer

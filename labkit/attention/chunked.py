@@ -30,12 +30,17 @@ both rounds, and agrees with quieter measurements where it matched torch's flash
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from labkit.attention._validate import check_qkv, default_scale
+from labkit.attention import online_softmax
+from labkit.attention._validate import check_qkv, default_scale, positive_int
 from labkit.attention.dense import LARGE_NEGATIVE
+from labkit.attention.online_softmax import SoftmaxState
 
 DEFAULT_QUERY_CHUNK_SIZE = 512
 DEFAULT_KEY_CHUNK_SIZE = 512
@@ -80,6 +85,21 @@ def _block(x: jnp.ndarray | None, start_q, size_q: int, start_k, size_k: int):
     return x
 
 
+class _Plan(NamedTuple):
+    """What every block step needs to know: chunk sizes, lengths, masking and the bias/mask operands."""
+
+    qc: int  # queries per chunk
+    kc: int  # keys per chunk
+    nk: int  # key chunks
+    kv_len: int  # real keys (S), before padding
+    is_causal: bool
+    bias: jnp.ndarray | None  # [B or 1, N or 1, T' or 1, S' or 1], padded
+    mask: jnp.ndarray | None  # same layout, bool
+    keys_padded: bool
+    never_masked: bool  # no block needs a mask: every block is computed plainly
+    always_masked: bool  # every computed block is masked: no per-block choice
+
+
 def memory_efficient_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
                                scale: float | None = None, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
                                key_chunk_size: int = DEFAULT_KEY_CHUNK_SIZE,
@@ -106,112 +126,100 @@ def memory_efficient_attention(query, key, value, bias=None, mask=None, *, is_ca
       are all hidden by `mask` return the mean of the values (as the dense reference does).
     """
     query, key, value = check_qkv(query, key, value)
-    for name, size in (("query_chunk_size", query_chunk_size), ("key_chunk_size", key_chunk_size)):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    positive_int("query_chunk_size", query_chunk_size)
+    positive_int("key_chunk_size", key_chunk_size)
     *batch_shape, q_len, heads, head_dim = query.shape
-    kv_len, v_dim = key.shape[-3], value.shape[-1]
-    batch_shape = tuple(batch_shape)
-    scale = default_scale(scale, head_dim)
+    kv_len = key.shape[-3]
     qc, kc = min(query_chunk_size, q_len), min(key_chunk_size, kv_len)
-    nq, nk = -(-q_len // qc), -(-kv_len // kc)
-    q_pad, k_pad = nq * qc, nk * kc
+    q_chunks = to_chunks(query, qc, default_scale(scale, head_dim))  # [nq, B, N, qc, H]
+    k_chunks, v_chunks = to_chunks(key, kc), to_chunks(value, kc)     # [nk, B, N, kc, H|Hv]
+    plan = _plan(bias, mask, tuple(batch_shape), heads, q_len, kv_len, qc, kc, is_causal, skip_blocks)
+    mean_v = None if mask is None else jnp.mean(jnp.moveaxis(v_chunks, 0, 2).reshape(
+        v_chunks.shape[1:3] + (-1, v_chunks.shape[-1]))[:, :, :kv_len], axis=2)  # [B, N, Hv]
+    step = jax.checkpoint(_key_step, prevent_cse=False, static_argnums=(0,)) if checkpoint else _key_step
+    one_chunk = functools.partial(_query_chunk, plan, step, k_chunks, v_chunks, mean_v)
+    if checkpoint:
+        one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
+    out = lax.map(one_chunk, (jnp.arange(q_chunks.shape[0]), q_chunks))  # [nq, B, N, qc, Hv]
+    out = jnp.moveaxis(out, 0, 2).reshape(out.shape[1:3] + (-1, out.shape[-1]))[:, :, :q_len]  # [B, N, T, Hv]
+    out = jnp.swapaxes(out, 1, 2).reshape(tuple(batch_shape) + (q_len, heads, value.shape[-1]))
+    return out.astype(value.dtype)
 
-    # [batch..., T, N, H] -> [B, N, T, H], scale folded into the (smaller) query side once.
-    def to_bnth(x, padded, factor=None):
-        x = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
-        if factor is not None:
-            x = x * factor
-        x = jnp.swapaxes(x, 1, 2)
-        return _pad_axis(x, 2, padded, 0)
 
-    q = to_bnth(query, q_pad, scale)
-    k = to_bnth(key, k_pad)
-    v = to_bnth(value, k_pad)
-    n_batch = q.shape[0]
-    # [n_chunks, B, N, chunk, H]: the scans walk the leading axis.
-    q_chunks = q.reshape(n_batch, heads, nq, qc, head_dim).transpose(2, 0, 1, 3, 4)
-    k_chunks = k.reshape(n_batch, heads, nk, kc, head_dim).transpose(2, 0, 1, 3, 4)
-    v_chunks = v.reshape(n_batch, heads, nk, kc, v_dim).transpose(2, 0, 1, 3, 4)
+def to_chunks(x: jnp.ndarray, chunk: int, factor: float | None = None) -> jnp.ndarray:
+    """`[batch..., L, N, H]` -> `[n_chunks, B, N, chunk, H]` float32, L zero-padded to a multiple of `chunk`."""
+    x = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)  # [B, L, N, H]
+    if factor is not None:
+        x = x * factor  # the scale, folded into the (smaller) query side once
+    n_chunks = -(-x.shape[1] // chunk)
+    x = _pad_axis(x, 1, n_chunks * chunk, 0)
+    # [B, n_chunks * chunk, N, H] -> [n_chunks, B, N, chunk, H]: the scans walk the leading axis.
+    return x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:]).transpose(1, 0, 3, 2, 4)
 
+
+def _plan(bias, mask, batch_shape: tuple, heads: int, q_len: int, kv_len: int, qc: int, kc: int,
+          is_causal: bool, skip_blocks: bool) -> _Plan:
+    """Padded bias/mask operands and which blocks need masking."""
+    q_pad, k_pad = -(-q_len // qc) * qc, -(-kv_len // kc) * kc
     bias_op = None if bias is None else _pad_axis(_pad_axis(
         _as_blocks_operand("bias", bias, batch_shape, heads, q_len, kv_len, jnp.float32), 2, q_pad, 0), 3, k_pad, 0)
     mask_op = None if mask is None else _pad_axis(_pad_axis(
         _as_blocks_operand("mask", mask, batch_shape, heads, q_len, kv_len, bool), 2, q_pad, True), 3, k_pad, False)
     keys_padded = k_pad != kv_len
-
-    def scores(q_blk, k_blk, i, j, masked):
-        s = jnp.einsum("bnqh,bnkh->bnqk", q_blk, k_blk, preferred_element_type=jnp.float32)
-        b = _block(bias_op, i * qc, qc, j * kc, kc)
-        if b is not None:
-            s = s + b
-        if not masked:
-            return s
-        q_pos = i * qc + jnp.arange(qc)[:, None]
-        k_pos = j * kc + jnp.arange(kc)[None, :]
-        keep = k_pos < kv_len
-        if is_causal:
-            keep = keep & (k_pos <= q_pos)
-        m = _block(mask_op, i * qc, qc, j * kc, kc)
-        if m is not None:
-            keep = keep & m
-        return jnp.where(keep, s, LARGE_NEGATIVE)
-
-    def update(carry, q_blk, k_blk, v_blk, i, j, masked):
-        acc, row_max, row_sum = carry
-        s = scores(q_blk, k_blk, i, j, masked)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
-        p = jnp.exp(s - new_max[..., None])
-        correction = jnp.exp(row_max - new_max)  # rescales the old sums to the new maximum
-        acc = acc * correction[..., None] + jnp.einsum("bnqk,bnkh->bnqh", p, v_blk)
-        row_sum = row_sum * correction + jnp.sum(p, axis=-1)
-        return acc, new_max, row_sum
-
-    def branch_of(i, j):
-        """Which computation block (i, j) needs, decided from positions (traced ints)."""
-        last_query, first_key, last_key = i * qc + qc - 1, j * kc, j * kc + kc - 1
-        needs_mask = mask_op is not None
-        if keys_padded:
-            needs_mask = jnp.logical_or(needs_mask, j == nk - 1)
-        if is_causal:
-            needs_mask = jnp.logical_or(needs_mask, last_key > i * qc)
-            return jnp.where(first_key > last_query, _SKIP, jnp.where(needs_mask, _MASKED, _PLAIN))
-        return jnp.where(needs_mask, _MASKED, _PLAIN)
-
     never_masked = mask_op is None and not is_causal and not keys_padded
     always_masked = not never_masked and (not skip_blocks or (mask_op is not None and not is_causal))
+    return _Plan(qc, kc, k_pad // kc, kv_len, is_causal, bias_op, mask_op, keys_padded, never_masked, always_masked)
 
-    def key_step(q_blk, i, carry, xs):
-        j, k_blk, v_blk = xs
-        if never_masked or always_masked:
-            return update(carry, q_blk, k_blk, v_blk, i, j, always_masked), None
-        branches = [lambda c: c,
-                    lambda c: update(c, q_blk, k_blk, v_blk, i, j, False),
-                    lambda c: update(c, q_blk, k_blk, v_blk, i, j, True)]
-        return lax.switch(branch_of(i, j), branches, carry), None
 
-    if checkpoint:
-        key_step = jax.checkpoint(key_step, prevent_cse=False)
+def block_scores(plan: _Plan, q_blk, k_blk, i, j, masked: bool) -> jnp.ndarray:
+    """Scores `[B, N, qc, kc]` of query chunk i against key chunk j; hidden ones `LARGE_NEGATIVE` if `masked`."""
+    s = jnp.einsum("bnqh,bnkh->bnqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    b = _block(plan.bias, i * plan.qc, plan.qc, j * plan.kc, plan.kc)
+    if b is not None:
+        s = s + b
+    if not masked:
+        return s
+    q_pos = i * plan.qc + jnp.arange(plan.qc)[:, None]
+    k_pos = j * plan.kc + jnp.arange(plan.kc)[None, :]
+    keep = k_pos < plan.kv_len
+    if plan.is_causal:
+        keep = keep & (k_pos <= q_pos)
+    m = _block(plan.mask, i * plan.qc, plan.qc, j * plan.kc, plan.kc)
+    if m is not None:
+        keep = keep & m
+    return jnp.where(keep, s, LARGE_NEGATIVE)
 
-    def query_chunk(xs):
-        i, q_blk = xs
-        init = (jnp.zeros(q_blk.shape[:-1] + (v_dim,), jnp.float32),
-                jnp.full(q_blk.shape[:-1], LARGE_NEGATIVE, jnp.float32),
-                jnp.zeros(q_blk.shape[:-1], jnp.float32))
-        (acc, row_max, row_sum), _ = lax.scan(lambda c, x: key_step(q_blk, i, c, x), init,
-                                              (jnp.arange(nk), k_chunks, v_chunks))
-        out = acc / row_sum[..., None]
-        if mask_op is not None:
-            # A row that saw no visible key has max LARGE_NEGATIVE: give it the dense convention's mean.
-            out = jnp.where((row_max > 0.5 * LARGE_NEGATIVE)[..., None], out, mean_v[:, :, None, :])
+
+def block_kind(plan: _Plan, i, j):
+    """Which computation block (i, j) needs: `_SKIP`, `_PLAIN` or `_MASKED`, from positions (traced ints)."""
+    last_query, first_key, last_key = i * plan.qc + plan.qc - 1, j * plan.kc, j * plan.kc + plan.kc - 1
+    needs_mask = plan.mask is not None
+    if plan.keys_padded:
+        needs_mask = jnp.logical_or(needs_mask, j == plan.nk - 1)
+    if plan.is_causal:
+        needs_mask = jnp.logical_or(needs_mask, last_key > i * plan.qc)
+        return jnp.where(first_key > last_query, _SKIP, jnp.where(needs_mask, _MASKED, _PLAIN))
+    return jnp.where(needs_mask, _MASKED, _PLAIN)
+
+
+def _key_step(plan: _Plan, q_blk, i, state: SoftmaxState, xs) -> tuple[SoftmaxState, None]:
+    """One key chunk j folded into the running softmax of query chunk i (skipped, plain or masked)."""
+    j, k_blk, v_blk = xs
+    add = lambda st, masked: online_softmax.update(st, block_scores(plan, q_blk, k_blk, i, j, masked), v_blk)
+    if plan.never_masked or plan.always_masked:
+        return add(state, plan.always_masked), None
+    branches = [lambda st: st, lambda st: add(st, False), lambda st: add(st, True)]
+    return lax.switch(block_kind(plan, i, j), branches, state), None
+
+
+def _query_chunk(plan: _Plan, step, k_chunks, v_chunks, mean_v, xs) -> jnp.ndarray:
+    """Output `[B, N, qc, Hv]` of query chunk i: a scan over the key chunks, then the normalisation."""
+    i, q_blk = xs
+    init = online_softmax.init_state(q_blk.shape[:-1], v_chunks.shape[-1])
+    state, _ = lax.scan(lambda st, x: step(plan, q_blk, i, st, x), init,
+                        (jnp.arange(plan.nk), k_chunks, v_chunks))
+    out, _ = online_softmax.finalize(state)
+    if mean_v is None:
         return out
-
-    if mask_op is not None:
-        mean_v = jnp.mean(v[:, :, :kv_len], axis=2)  # [B, N, Hv]
-    if checkpoint:
-        query_chunk = jax.checkpoint(query_chunk, prevent_cse=False)
-
-    out = lax.map(query_chunk, (jnp.arange(nq), q_chunks))  # [nq, B, N, qc, Hv]
-    out = out.transpose(1, 2, 0, 3, 4).reshape(n_batch, heads, q_pad, v_dim)[:, :, :q_len]
-    out = jnp.swapaxes(out, 1, 2).reshape(batch_shape + (q_len, heads, v_dim))
-    return out.astype(value.dtype)
+    # A row that saw no visible key: the dense convention's mean of the values.
+    return jnp.where(online_softmax.seen_a_key(state)[..., None], out, mean_v[:, :, None, :])

@@ -9,7 +9,7 @@ Idea: the softmax kernel is an expectation over Gaussian projections `w ~ N(0, I
 
     exp(q . k) = E_w[ exp(w . q - |q|^2 / 2) exp(w . k - |k|^2 / 2) ],
 
-so with `m` projections `W [m, d]` the features `phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)` are positive and
+so with `m` projections `W [M, H]` the features `phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)` are positive and
 `phi(q) . phi(k)` is an unbiased estimate of `exp(q . k)`. Orthogonal rows (blocks of `d` orthonormal
 directions with chi(d)-distributed lengths) keep each row Gaussian, hence unbiasedness, and lower the
 variance. Attention then becomes linear attention on the features (lab 04's `linear_attention` with the
@@ -25,8 +25,8 @@ prefix-sum or chunkwise scan; `causal_window_length=W` is Model Garden's windowe
 sequence is cut into chunks of `causal_chunk_length`, tokens attend bidirectionally inside their chunk and to
 the `W - 1` previous chunks, older chunks optionally decayed by `causal_window_decay ** distance`.
 
-Cost per head with `m` features: features O(T m d); non-causal and chunkwise causal O(T m dv) time and
-O(T m + m dv) memory (prefix-sum causal: O(T m dv) memory; windowed: O(T/C m dv)). `is_short_seq` and
+Cost per head with `m` features: features O(T M H); non-causal and chunkwise causal O(T M Hv) time and
+O(T M + M Hv) memory (prefix-sum causal: O(T M Hv) memory; windowed: O(T/C M Hv)). `is_short_seq` and
 `begin_kernel` build a `[T, S]` matrix: O(T S) memory, as dense attention.
 
 Differences from Model Garden's KernelAttention (deliberate, each a bug or a numerical choice there):
@@ -62,7 +62,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from labkit.attention._validate import check_qkv, default_scale
+from labkit.attention._validate import check_qkv, default_scale, key_padding_mask, reject_bias
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.linear import linear_attention
 
@@ -96,7 +96,7 @@ def random_projection(prng_key, num_features: int, dim: int, *, orthogonal: bool
 
 
 def positive_random_features(x, projection) -> jnp.ndarray:
-    """FAVOR+ features `exp(W x - |x|^2/2) / sqrt(m)`, no shift: `[..., d]`, `[m, d]` -> `[..., m]`.
+    """FAVOR+ features `exp(W x - |x|^2/2) / sqrt(m)`, no shift: `[..., H]`, `[M, H]` -> `[..., M]`.
 
     `E[phi(q) . phi(k)] = exp(q . k)`: the unbiased estimator itself (it overflows for large `|x|`; the
     attention code shifts the exponent first).
@@ -109,7 +109,7 @@ def positive_random_features(x, projection) -> jnp.ndarray:
 # ---------------------------------------------------------------- feature transforms
 
 def _shift(z: jnp.ndarray, is_query: bool) -> jnp.ndarray:
-    """Stabilising shift of an exponent `[batch..., L, N, m]`: per query row, or one per (example, head) for
+    """Stabilising shift of an exponent `[batch..., L, N, M]`: per query row, or one per (example, head) for
     keys (a key shift must be shared by all keys to cancel). Stop-gradient: it cancels in the output."""
     if is_query:
         return jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
@@ -119,7 +119,7 @@ def _shift(z: jnp.ndarray, is_query: bool) -> jnp.ndarray:
 def _expplus_features(x, other, projection, is_query: bool) -> jnp.ndarray:
     """FAVOR++ (Chefs' random tables): `D exp(B w . x - |x|^2/2 + A |w|^2) / sqrt(m)` with data-dependent
     `A < 1/4`, `B = sqrt(1 - 4A)`, `D = (1 - 4A)^(d/4)`: unbiased for `exp(x . y)`, minimal variance for the
-    data's statistics. `x`, `other`: `[batch..., L, N, d]` (queries and keys, either order)."""
+    data's statistics. `x`, `other`: `[batch..., L, N, H]` (queries and keys, either order)."""
     dim = x.shape[-1]
     lx, ly = x.shape[-3], other.shape[-3]
     sq_x = jnp.sum(x * x, axis=(-3, -1), keepdims=True) / lx
@@ -138,7 +138,7 @@ def _expplus_features(x, other, projection, is_query: bool) -> jnp.ndarray:
 
 def kernel_features(x, projection: Optional[jnp.ndarray], feature_transform: Optional[str], *,
                     is_query: bool, other=None) -> jnp.ndarray:
-    """Features of (already scaled) `x [batch..., L, N, d]` -> `[batch..., L, N, m]` (`m = d` without projection).
+    """Features of (already scaled) `x [batch..., L, N, H]` -> `[batch..., L, N, M]` (`m = d` without projection).
 
     `other` (the keys for queries and vice versa) is needed by `expplus` only. Exponential transforms are
     shifted for stability: query rows by their own maximum, keys by one constant per example and head.
@@ -179,7 +179,7 @@ def _pad_seq(x: jnp.ndarray, before: int, after: int) -> jnp.ndarray:
 def windowed_causal_linear(phi_q, phi_k, value, *, chunk_length: int = 1, window_length: int = 3,
                            window_decay: Optional[float] = None, padding: Optional[str] = None,
                            eps: float = 1e-6) -> jnp.ndarray:
-    """Model Garden's windowed causal kernel attention on features: `[batch..., T, N, m]` x2, `[batch..., T, N, dv]`.
+    """Model Garden's windowed causal kernel attention on features: `[batch..., T, N, M]` x2, `[batch..., T, N, Hv]`.
 
     Chunks of `chunk_length` tokens attend bidirectionally inside the chunk and to the `window_length - 1`
     previous chunks; chunk `c - i` is weighted `window_decay ** i` (1 when None). `padding` "left"/"right"
@@ -240,46 +240,28 @@ def causal_window_weights(seq_len: int, *, chunk_length: int = 1, window_length:
 
 # ---------------------------------------------------------------- the attention function
 
-def _keep_keys(mask, key_shape: tuple) -> Optional[jnp.ndarray]:
-    """Boolean key mask broadcastable to `[batch..., N, 1, S]` -> bool `[batch..., N, 1, S]`."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != bool:
-        raise TypeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
-    *batch, s, n, _ = key_shape
-    target = tuple(batch) + (n, 1, s)
-    if mask.ndim >= 2 and mask.shape[-2] != 1:
-        raise ValueError(f"kernel attention can only hide keys for all queries alike: mask must broadcast to "
-                         f"[batch..., heads, 1, kv_len] = {target}, got {mask.shape}")
-    try:
-        return jnp.broadcast_to(mask, target)
-    except ValueError as err:
-        raise ValueError(f"mask of shape {mask.shape} does not broadcast to {target}") from err
-
-
 def kernel_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
                      scale: Optional[float] = None, feature_transform: Optional[str] = "exp",
-                     num_random_features: int = 256, prng_key=None, projection=None, redraw: bool = False,
-                     training: bool = False, rng=None, is_short_seq: bool = False, begin_kernel: int = 0,
-                     scale_by_length: bool = False, causal_chunk_length: Optional[int] = None,
-                     causal_window_length: Optional[int] = None, causal_window_decay: Optional[float] = None,
-                     causal_padding: Optional[str] = None, eps: float = 1e-6) -> jnp.ndarray:
-    """Kernel (FAVOR+ and friends) attention `[batch..., T, N, dv]` from `[batch..., T, N, d]`, `[batch..., S, N, d]`, `[batch..., S, N, dv]`.
+                     num_random_features: int = 256, prng_key=None, projection=None, is_short_seq: bool = False,
+                     begin_kernel: int = 0, scale_by_length: bool = False,
+                     causal_chunk_length: Optional[int] = None, causal_window_length: Optional[int] = None,
+                     causal_window_decay: Optional[float] = None, causal_padding: Optional[str] = None,
+                     eps: float = 1e-6) -> jnp.ndarray:
+    """Kernel (FAVOR+ and friends) attention `[batch..., T, N, Hv]` from `[batch..., T, N, H]`, `[batch..., S, N, H]`, `[batch..., S, N, Hv]`.
 
     Args:
       query, key, value: as `jax.nn.dot_product_attention`.
       bias: must be None (the factorised sums never form the scores it would be added to).
       mask: boolean key mask broadcastable to `[batch..., N, 1, S]` (True = may attend).
       is_causal: query i sees keys j <= i (T == S). With `causal_window_length`, the windowed causal form.
-      scale: default `1/sqrt(d)`; split as `sqrt(scale)` on queries and keys (the whole scale on the queries
+      scale: default `1/sqrt(H)`; split as `sqrt(scale)` on queries and keys (the whole scale on the queries
         for `is_short_seq` and `begin_kernel`).
       feature_transform: one of `FEATURE_TRANSFORMS` or None (= identity).
-      num_random_features: `m` projections; `<= 0`: the transform acts on the vectors themselves.
-      prng_key: key of the fixed projection (default `PRNGKey(0)`, Model Garden's `seed=0`): reproducible.
-      projection: an explicit `[m, d]` projection, overriding `prng_key`/`num_random_features`.
-      redraw, training, rng: with `redraw and training`, the projection is drawn from `rng` (a new key per
-        training call); in evaluation (`training=False`) the fixed one from `prng_key` is used.
+      num_random_features: `M` projections; `<= 0`: the transform acts on the vectors themselves.
+      prng_key: the key the `[M, H]` projection is drawn from (default `PRNGKey(0)`, Model Garden's `seed=0`):
+        the same key gives the same projection. Model Garden's `redraw` in training is a new key per call
+        (what `labkit.layers.KernelSelfAttention(redraw=True)` passes in mode 'train').
+      projection: an explicit `[M, H]` projection, overriding `prng_key`/`num_random_features`.
       is_short_seq: build the `[T, S]` matrix: softmax over the feature scores `phi(q) . phi(k)`.
       begin_kernel: the first `begin_kernel` queries get exact softmax attention, the rest kernel attention.
       scale_by_length: multiply the scale by `log(n) / log(512)`, `n` the number of visible keys (entropy-stable
@@ -292,44 +274,16 @@ def kernel_attention(query, key, value, bias=None, mask=None, *, is_causal: bool
       eps: added to every denominator.
 
     Returns:
-      `[batch..., T, N, dv]` in `value`'s dtype, computed in float32.
+      `[batch..., T, N, Hv]` in `value`'s dtype, computed in float32.
     """
     query, key, value = check_qkv(query, key, value)
-    if bias is not None:
-        raise ValueError("kernel attention cannot add a bias to scores it never forms; pass bias=None")
-    t, s, d = query.shape[-3], key.shape[-3], query.shape[-1]
-    if is_causal and t != s:
-        raise ValueError(f"is_causal=True needs as many queries as keys; got query {query.shape}, key {key.shape}")
-    windowed = causal_window_length is not None
-    if windowed and not is_causal:
-        raise ValueError("causal_window_length selects the windowed causal form: pass is_causal=True too")
-    if windowed and is_short_seq:
-        raise ValueError("the windowed causal form and is_short_seq are mutually exclusive")
-    if not isinstance(begin_kernel, int) or begin_kernel < 0:
-        raise ValueError(f"begin_kernel must be a non-negative int, got {begin_kernel!r}")
-    keep = _keep_keys(mask, key.shape)
-
-    if projection is not None:
-        projection = jnp.asarray(projection, jnp.float32)
-        if projection.ndim != 2 or projection.shape[-1] != d:
-            raise ValueError(f"projection must be [m, {d}] for head dim {d}, got {projection.shape}")
-    elif num_random_features > 0:
-        if redraw and training:
-            if rng is None:
-                raise ValueError("redraw=True with training=True draws a new projection per call: pass rng")
-            projection = random_projection(rng, num_random_features, d)
-        else:
-            projection = random_projection(jax.random.PRNGKey(0) if prng_key is None else prng_key,
-                                           num_random_features, d)
-
-    scale = jnp.float32(default_scale(scale, d))
-    if scale_by_length:
-        visible = jnp.float32(s) if keep is None else jnp.sum(keep, axis=-1, dtype=jnp.float32)  # [batch.., N, 1]
-        scale = scale * jnp.log(visible) / math.log(512.0)
-        if keep is not None:
-            scale = jnp.swapaxes(scale, -1, -2)[..., None]  # [batch..., 1, N, 1]: broadcasts over T and d
+    reject_bias(bias, "kernel attention")
+    _check_forms(query.shape, key.shape, is_causal=is_causal, windowed=causal_window_length is not None,
+                 is_short_seq=is_short_seq, begin_kernel=begin_kernel)
+    keep = key_padding_mask(mask, key.shape, "kernel attention")
+    projection = _projection(projection, num_random_features, prng_key, query.shape[-1])
+    scale = _scale(scale, query.shape[-1], keep, key.shape[-3], scale_by_length)
     q32, k32, v32 = (a.astype(jnp.float32) for a in (query, key, value))
-
     if is_short_seq:
         phi_q = kernel_features(q32 * scale, projection, feature_transform, is_query=True, other=k32)
         phi_k = kernel_features(k32, projection, feature_transform, is_query=False, other=q32 * scale)
@@ -339,7 +293,7 @@ def kernel_attention(query, key, value, bias=None, mask=None, *, is_causal: bool
         qs, ks = q32 * root, k32 * root
         phi_q = kernel_features(qs, projection, feature_transform, is_query=True, other=ks)
         phi_k = kernel_features(ks, projection, feature_transform, is_query=False, other=qs)
-        if windowed:
+        if causal_window_length is not None:
             if keep is not None:
                 phi_k = phi_k * jnp.swapaxes(keep[..., 0, :], -1, -2)[..., None]
             out = windowed_causal_linear(phi_q, phi_k, v32, chunk_length=causal_chunk_length or 1,
@@ -349,11 +303,46 @@ def kernel_attention(query, key, value, bias=None, mask=None, *, is_causal: bool
             out = linear_attention(phi_q, phi_k, v32, mask=keep, is_causal=is_causal, scale=1.0,
                                    feature_map="identity", chunk_size=causal_chunk_length, eps=eps)
     if begin_kernel > 0:
-        n_soft = min(begin_kernel, t)
+        n_soft = min(begin_kernel, query.shape[-3])
         soft = dot_product_attention(q32[..., :n_soft, :, :] * scale, k32, v32, scale=1.0,
-                                     mask=_causal_prefix_mask(keep, n_soft, s, is_causal))
+                                     mask=_causal_prefix_mask(keep, n_soft, key.shape[-3], is_causal))
         out = jnp.concatenate([soft, out[..., n_soft:, :, :]], axis=-3)
     return out.astype(value.dtype)
+
+
+def _check_forms(query_shape: tuple, key_shape: tuple, *, is_causal: bool, windowed: bool, is_short_seq: bool,
+                 begin_kernel) -> None:
+    """ValueErrors for option combinations that have no meaning."""
+    if is_causal and query_shape[-3] != key_shape[-3]:
+        raise ValueError(f"is_causal=True needs as many queries as keys; got query {query_shape}, key {key_shape}")
+    if windowed and not is_causal:
+        raise ValueError("causal_window_length selects the windowed causal form: pass is_causal=True too")
+    if windowed and is_short_seq:
+        raise ValueError("the windowed causal form and is_short_seq are mutually exclusive")
+    if not isinstance(begin_kernel, int) or begin_kernel < 0:
+        raise ValueError(f"begin_kernel must be a non-negative int, got {begin_kernel!r}")
+
+
+def _projection(projection, num_random_features: int, prng_key, head_dim: int) -> Optional[jnp.ndarray]:
+    """The explicit projection `[M, H]` (checked), else one drawn from `prng_key`, else None (no features)."""
+    if projection is not None:
+        projection = jnp.asarray(projection, jnp.float32)
+        if projection.ndim != 2 or projection.shape[-1] != head_dim:
+            raise ValueError(f"projection must be [M, {head_dim}] for head dim {head_dim}, got {projection.shape}")
+        return projection
+    if num_random_features <= 0:
+        return None
+    return random_projection(jax.random.PRNGKey(0) if prng_key is None else prng_key, num_random_features, head_dim)
+
+
+def _scale(scale, head_dim: int, keep, kv_len: int, scale_by_length: bool):
+    """The logit scale: a scalar, or `[batch..., 1, N, 1]` when scaled by each head's visible key count."""
+    scale = jnp.float32(default_scale(scale, head_dim))
+    if not scale_by_length:
+        return scale
+    visible = jnp.float32(kv_len) if keep is None else jnp.sum(keep, axis=-1, dtype=jnp.float32)  # [batch.., N, 1]
+    scale = scale * jnp.log(visible) / math.log(512.0)
+    return scale if keep is None else jnp.swapaxes(scale, -1, -2)[..., None]
 
 
 def _causal_prefix_mask(keep, n_rows: int, s: int, is_causal: bool):

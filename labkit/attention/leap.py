@@ -26,14 +26,14 @@ Options: `rescale` normalises q, f, k, v over the head dimension (zero mean, uni
 a position whose whole window is hidden outputs 0); `alibi` adds `slope * j` to the focus logits, which is
 exactly ALiBi's linear distance penalty `-slope (t - j)` because the `t` part cancels in the softmax.
 
-Forms: `leap_attention` (parallel, causal), `leap_step` / `generate` (recurrent, O(1) state: four running
-sums for global LEAP, a ring buffer of the last `w` logits, keys and values for windowed LEAP),
-`leap_attention_bidirectional` (encoder: one pass each way), `leap_explain` (the `[T, T]` weights
+Forms: `leap_attention(..., is_causal=True)` (parallel, causal), `leap_step` / `generate` (recurrent, O(1)
+state: four running sums for global LEAP, a ring buffer of the last `w` logits, keys and values for windowed
+LEAP), `leap_attention(..., is_causal=False)` (encoder: one causal pass each way), `leap_explain` (the `[T, T]` weights
 `sigmoid(.) e^{a_j} / sum e^{a}` with which each output mixes the values: out = explain @ v exactly).
 
-Cost per head: O(T d) time and memory (the associative scans add a log T factor of parallel depth, not of
-memory), O(1) path length between any two positions in global LEAP; decoding costs O(d) per token
-(O(w d) with a window).
+Cost per head: O(T H) time and memory (the associative scans add a log T factor of parallel depth, not of
+memory), O(1) path length between any two positions in global LEAP; decoding costs O(H) per token
+(O(w H) with a window).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from labkit.attention._validate import as_float_array, default_scale
+from labkit.attention._validate import as_float_array, default_scale, key_padding_mask, reject_bias
+from labkit.attention.decoding import decode
 
 NEG_INF = -jnp.inf
 
@@ -100,7 +101,7 @@ def window_scan(logits: jnp.ndarray, x: jnp.ndarray, window: int | None, *, reve
 
 
 def _averages(logits, k, v, window):
-    """`K~, V~ [B, T, N, d]` and the log-normaliser `lse [B, T, N]` (-inf where the window is all hidden)."""
+    """`K~, V~ [B, T, N, H]` and the log-normaliser `lse [B, T, N]` (-inf where the window is all hidden)."""
     d = k.shape[-1]
     m, l, s = window_scan(logits, jnp.concatenate([k, v], -1), window)
     live = l > 0
@@ -118,7 +119,7 @@ def _core(logits, q, k, v, scale, window):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _core_recompute(logits, q, k, v, scale, window):
-    """`_core` whose gradient keeps only the inputs and recomputes the sums (O(T d) memory)."""
+    """`_core` whose gradient keeps only the inputs and recomputes the sums (O(T H) memory)."""
     return _core(logits, q, k, v, scale, window)
 
 
@@ -179,7 +180,7 @@ def _prepare(query, focus, key, value, rescale, scale):
 
 
 def _check(query, focus, key, value):
-    """Arrays `[batch..., T, N, d]` (value `[..., dv]`) of one shape, else a ValueError naming them."""
+    """Arrays `[batch..., T, N, H]` (value `[..., Hv]`) of one shape, else a ValueError naming them."""
     arrays = [as_float_array(n, a) for n, a in (("query", query), ("focus", focus), ("key", key), ("value", value))]
     q, f, k, v = arrays
     shapes = f"query {q.shape}, focus {f.shape}, key {k.shape}, value {v.shape}"
@@ -198,19 +199,9 @@ def _check_window(window, seq_len: int) -> int | None:
 
 
 def _positions_mask(mask, shape: tuple) -> jnp.ndarray | None:
-    """Boolean mask broadcastable to `[batch..., N, 1, T]` (jax's layout, True = real) -> `[batch..., T, N]`."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != bool:
-        raise TypeError(f"mask must be boolean (True = real position), got dtype {mask.dtype}")
-    *batch, t, n, _ = shape
-    target = tuple(batch) + (n, 1, t)
-    try:
-        full = jnp.broadcast_to(mask, target)
-    except ValueError as err:
-        raise ValueError(f"mask of shape {mask.shape} does not broadcast to [batch..., heads, 1, seq] = {target}") from err
-    return jnp.swapaxes(full[..., 0, :], -1, -2)
+    """Boolean mask broadcastable to `[batch..., N, 1, T]` (True = real position) -> `[batch..., T, N]`."""
+    keep = key_padding_mask(mask, shape, "LEAP")
+    return None if keep is None else jnp.swapaxes(keep[..., 0, :], -1, -2)
 
 
 def focus_logits(focus, key, *, scale: float, mask=None, alibi=None) -> jnp.ndarray:
@@ -231,24 +222,48 @@ def _flat(a: jnp.ndarray, trailing: int = 3) -> jnp.ndarray:
 
 # ---------------------------------------------------------------- public functions
 
-def leap_attention(query, focus, key, value, *, window: int | None = None, rescale: float | None = None,
-                   mask=None, scale: float | None = None, alibi=None,
-                   recompute_grad: bool = True) -> jnp.ndarray:
-    """Causal LEAP `[batch..., T, N, dv]` from query/focus/key `[batch..., T, N, d]`, value `[batch..., T, N, dv]`.
+def leap_attention(query, key, value, bias=None, mask=None, *, focus, is_causal: bool = False,
+                   scale: float | None = None, window: int | None = None, rescale: float | None = None,
+                   alibi=None, recompute_grad: bool = True, combine: str = "mean") -> jnp.ndarray:
+    """LEAP `[batch..., T, N, Hv]` from query/focus/key `[batch..., T, N, H]`, value `[batch..., T, N, Hv]`.
 
     Args:
-      query, focus, key, value: `[batch..., T, N, *]` (one shape except value's last axis).
-      window: attend to the last `window` positions (including the current one); None = the whole prefix.
-      rescale: None, or a constant c: standardise q, f, k, v over the head axis and use scale c / d.
+      query, key, value: `[batch..., T, N, *]` (self-attention: one length).
+      bias: must be None (LEAP never forms query-key scores).
       mask: optional boolean mask broadcastable to `[batch..., N, 1, T]` (True = real position); hidden
         positions get no focus. An output whose whole window is hidden is 0.
-      scale: logit scale; default 1/sqrt(d) (or rescale / d with `rescale`).
+      focus: the focus vectors `[batch..., T, N, H]` (LEAP's fourth projection).
+      is_causal: True is decoder LEAP (each position sees its prefix); False the encoder form: a causal pass
+        each way (the second on the reversed sequence), combined by `combine`.
+      scale: logit scale; default 1/sqrt(H) (or rescale / H with `rescale`).
+      window: attend to the last `window` positions (including the current one); None = the whole prefix.
+      rescale: None, or a constant c: standardise q, f, k, v over the head axis and use scale c / H.
       alibi: optional per-head slopes `[N]` (>= 0 favours recent positions): logits `+ slope * j`.
       recompute_grad: use the constant-memory custom gradient (True) or differentiate the scans (False).
+      combine: encoder form only: "mean" of the two passes, or "concat" (`[batch..., T, N, 2 Hv]`, forward
+        first).
 
     Returns:
-      `[batch..., T, N, dv]` in `value`'s dtype, computed in at least float32.
+      `[batch..., T, N, Hv]` in `value`'s dtype, computed in at least float32.
     """
+    reject_bias(bias, "LEAP")
+    kw = dict(window=window, rescale=rescale, scale=scale, alibi=alibi, recompute_grad=recompute_grad)
+    if is_causal:
+        return _causal_leap(query, focus, key, value, mask=mask, **kw)
+    if combine not in ("mean", "concat"):
+        raise ValueError(f"combine must be 'mean' or 'concat', got {combine!r}")
+    if alibi is not None:
+        raise ValueError("alibi favours recent positions, which has no meaning for the encoder form "
+                         "(is_causal=False): pass alibi=None")
+    fwd = _causal_leap(query, focus, key, value, mask=mask, **kw)
+    flip = lambda a: jnp.flip(jnp.asarray(a), -3)
+    rev_mask = None if mask is None else jnp.flip(jnp.asarray(mask), -1)
+    bwd = jnp.flip(_causal_leap(flip(query), flip(focus), flip(key), flip(value), mask=rev_mask, **kw), -3)
+    return (fwd + bwd) / 2 if combine == "mean" else jnp.concatenate([fwd, bwd], -1)
+
+
+def _causal_leap(query, focus, key, value, *, mask, window, rescale, scale, alibi, recompute_grad):
+    """Decoder LEAP: the parallel (scan) form of the recurrence."""
     query, focus, key, value = _check(query, focus, key, value)
     window = _check_window(window, query.shape[-3])
     q, f, k, v, s = _prepare(query, focus, key, value, rescale, scale)
@@ -257,32 +272,12 @@ def leap_attention(query, focus, key, value, *, window: int | None = None, resca
     return out.reshape(value.shape).astype(value.dtype)
 
 
-def leap_attention_bidirectional(query, focus, key, value, *, window: int | None = None,
-                                 rescale: float | None = None, mask=None, scale: float | None = None,
-                                 combine: str = "mean") -> jnp.ndarray:
-    """Encoder LEAP: causal LEAP left-to-right and right-to-left (on the reversed sequence), combined.
-
-    Like a bidirectional RNN: position t sees positions <= t in the first pass and >= t in the second, so
-    every output depends on the whole sequence (within `window` either side). `combine="mean"` averages the
-    two `[batch..., T, N, dv]` outputs; `"concat"` returns `[batch..., T, N, 2 dv]` (forward first).
-    The mask (`[batch..., N, 1, T]`) is reversed with the sequence.
-    """
-    if combine not in ("mean", "concat"):
-        raise ValueError(f"combine must be 'mean' or 'concat', got {combine!r}")
-    kw = dict(window=window, rescale=rescale, scale=scale)
-    fwd = leap_attention(query, focus, key, value, mask=mask, **kw)
-    flip = lambda a: jnp.flip(jnp.asarray(a), -3)
-    rev_mask = None if mask is None else jnp.flip(jnp.asarray(mask), -1)
-    bwd = jnp.flip(leap_attention(flip(query), flip(focus), flip(key), flip(value), mask=rev_mask, **kw), -3)
-    return (fwd + bwd) / 2 if combine == "mean" else jnp.concatenate([fwd, bwd], -1)
-
-
-def leap_explain(query, focus, key, value=None, *, window: int | None = None, rescale: float | None = None,
+def leap_explain(query, key, value=None, *, focus, window: int | None = None, rescale: float | None = None,
                  mask=None, scale: float | None = None, alibi=None) -> jnp.ndarray:
     """Explanation weights `[batch..., N, T, T]`: row t says how much of each `v_j` output t used.
 
     `E[t, j] = sigmoid(s q_t . K~_t) * e^{a_j} / sum_{i in W(t)} e^{a_i}` for j in t's window, else 0, so
-    `leap_attention(...) == einsum("...ntj,...jnv->...tnv", E, value)` exactly (with `rescale`, of the
+    `leap_attention(..., is_causal=True) == einsum("...ntj,...jnv->...tnv", E, value)` exactly (with `rescale`, of the
     standardised values). Forms the `[T, T]` matrix: for inspection and plots, not for long sequences.
     `value` is only needed for its shape checks and may be None.
     """
@@ -308,7 +303,7 @@ def leap_explain(query, focus, key, value=None, *, window: int | None = None, re
 
 class LEAPState(NamedTuple):
     """Global LEAP: running max `m [batch..., N]`, `l = sum e^{a-m}` `[batch..., N]`,
-    `sums [batch..., N, d + dv]` = `sum e^{a-m} [k, v]`, and the next position `pos` (int32 scalar)."""
+    `sums [batch..., N, H + Hv]` = `sum e^{a-m} [k, v]`, and the next position `pos` (int32 scalar)."""
 
     m: jnp.ndarray
     l: jnp.ndarray
@@ -318,7 +313,7 @@ class LEAPState(NamedTuple):
 
 class LEAPWindowState(NamedTuple):
     """Windowed LEAP: ring buffers of the last `w` logits `[batch..., w, N]` (-inf = empty) and
-    `[k, v]` rows `[batch..., w, N, d + dv]`, and the next write position `pos` (an int32 scalar)."""
+    `[k, v]` rows `[batch..., w, N, H + Hv]`, and the next write position `pos` (an int32 scalar)."""
 
     logits: jnp.ndarray
     rows: jnp.ndarray
@@ -327,7 +322,7 @@ class LEAPWindowState(NamedTuple):
 
 def init_state(batch_shape: tuple, num_heads: int, head_dim: int, value_dim: int, *, window: int | None = None,
                dtype=jnp.float32) -> LEAPState | LEAPWindowState:
-    """Empty state for `leap_step`: O(N (d + dv)) numbers, or O(w N (d + dv)) with a window."""
+    """Empty state for `leap_step`: O(N (H + Hv)) numbers, or O(w N (H + Hv)) with a window."""
     batch_shape = tuple(batch_shape)
     width = head_dim + value_dim
     if window is None:
@@ -343,7 +338,7 @@ def init_state(batch_shape: tuple, num_heads: int, head_dim: int, value_dim: int
 def leap_step(state: LEAPState | LEAPWindowState, q_t, f_t, k_t, v_t, *, mask_t=None,
               rescale: float | None = None, scale: float | None = None,
               alibi=None) -> tuple[LEAPState | LEAPWindowState, jnp.ndarray]:
-    """One token: q/f/k `[batch..., N, d]`, v `[batch..., N, dv]` -> `(new_state, out_t [batch..., N, dv])`.
+    """One token: q/f/k `[batch..., N, H]`, v `[batch..., N, Hv]` -> `(new_state, out_t [batch..., N, Hv])`.
 
     The new token joins the sums before they are read (position t sees j <= t), exactly as in
     `leap_attention`. `mask_t` (bool, broadcastable to `[batch..., N]`) False = padding: no focus.
@@ -351,7 +346,7 @@ def leap_step(state: LEAPState | LEAPWindowState, q_t, f_t, k_t, v_t, *, mask_t=
     """
     q_t, f_t, k_t, v_t = (as_float_array(n, a) for n, a in (("q_t", q_t), ("f_t", f_t), ("k_t", k_t), ("v_t", v_t)))
     if not (q_t.shape == f_t.shape == k_t.shape) or v_t.shape[:-1] != q_t.shape[:-1]:
-        raise ValueError(f"q_t, f_t, k_t must be [batch..., N, d] and v_t [batch..., N, dv]; got q_t {q_t.shape}, "
+        raise ValueError(f"q_t, f_t, k_t must be [batch..., N, H] and v_t [batch..., N, Hv]; got q_t {q_t.shape}, "
                          f"f_t {f_t.shape}, k_t {k_t.shape}, v_t {v_t.shape}")
     dtype = state.rows.dtype if isinstance(state, LEAPWindowState) else state.sums.dtype
     q, f, k, v, s = _prepare(q_t.astype(dtype), f_t, k_t, v_t.astype(dtype), rescale, scale)
@@ -395,14 +390,8 @@ def generate(project: Callable, readout: Callable, first_input, num_steps: int,
 
     Returns:
       `(final_state, inputs, outputs)`: `inputs` stacks `x_0 .. x_{num_steps-1}` on a new leading axis,
-      `outputs [num_steps, batch..., N, dv]` the attention outputs.
+      `outputs [num_steps, batch..., N, Hv]` the attention outputs.
     """
-    def step(carry, _):
-        st, x = carry
-        q, f, k, v = project(x)
-        st, out = leap_step(st, q, f, k, v, rescale=rescale, scale=scale, alibi=alibi)
-        return (st, readout(x, out)), (x, out)
-
-    (final_state, _), (inputs, outputs) = jax.lax.scan(step, (state, first_input), None, length=num_steps)
-    return final_state, inputs, outputs
+    step = functools.partial(leap_step, rescale=rescale, scale=scale, alibi=alibi)
+    return decode(step, project, readout, first_input, num_steps, state)
 

@@ -6,22 +6,22 @@ feature map (default `elu(x) + 1`). Then, by associativity,
 
     out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j) + eps)
 
-and the `[d, dv]` matrix `sum_j phi(k_j) v_j^T` is computed once instead of a `[T, S]` score matrix.
+and the `[H, Hv]` matrix `sum_j phi(k_j) v_j^T` is computed once instead of a `[T, S]` score matrix.
 Causal attention sums only over `j <= i`; three equivalent forms are given:
 
 - prefix sums: a cumulative sum of the outer products `phi(k_j) v_j^T` (`chunk_size=None`);
-  O(T d dv) time but O(T d dv) memory, because every prefix state is materialised;
+  O(T H Hv) time but O(T H Hv) memory, because every prefix state is materialised;
 - chunkwise (`chunk_size=C`): inside a chunk, the quadratic masked form `(phi(Q) phi(K)^T * tril) V`;
-  across chunks, a `[d, dv]` state carried by `lax.scan`. O(T (C + d) dv) time, O(T d + C^2 + d dv)
+  across chunks, a `[H, Hv]` state carried by `lax.scan`. O(T (C + H) Hv) time, O(T H + C^2 + H Hv)
   memory. Its gradient is a `jax.custom_vjp` that stores only the inputs and recomputes the states in a
-  forward and a reverse scan (the paper's Algorithm 1), so gradient memory also stays O(T d);
-- recurrent: `recurrent_step` updates the state one token at a time, O(d dv) work and memory per token,
+  forward and a reverse scan (the paper's Algorithm 1), so gradient memory also stays O(T H);
+- recurrent: `recurrent_step` updates the state one token at a time, O(H Hv) work and memory per token,
   which is what makes generation cheap (`generate`).
 
 The normaliser rides along with the values: the code appends a column of ones to `v`, so the same sums
 give both the numerator (first `dv` columns) and the denominator (last column).
 
-Cost per head: non-causal O(T d dv) time, O(T d + d dv) memory; causal as listed above. No softmax, so
+Cost per head: non-causal O(T H Hv) time, O(T H + H Hv) memory; causal as listed above. No softmax, so
 the result is not softmax attention: it is a different (cheaper, usually somewhat weaker) model.
 """
 
@@ -33,13 +33,14 @@ from typing import Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from labkit.attention._validate import as_float_array, check_qkv
+from labkit.attention._validate import as_float_array, check_qkv, key_padding_mask, reject_bias
+from labkit.attention.decoding import decode
 
 FeatureMap = Union[str, Callable[[jnp.ndarray], jnp.ndarray]]
 
 
 def elu_feature_map(x: jnp.ndarray) -> jnp.ndarray:
-    """`elu(x) + 1`, positive everywhere (the paper's choice): `[..., d] -> [..., d]`."""
+    """`elu(x) + 1`, positive everywhere (the paper's choice): `[..., H] -> [..., H]`."""
     return jax.nn.elu(x) + 1.0
 
 
@@ -61,7 +62,7 @@ FEATURE_MAPS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 
 
 def get_feature_map(feature_map: FeatureMap) -> Callable[[jnp.ndarray], jnp.ndarray]:
-    """A feature map by name (`"elu"`, `"relu"`, `"identity"`) or a callable `[..., d] -> [..., m]` as is."""
+    """A feature map by name (`"elu"`, `"relu"`, `"identity"`) or a callable `[..., H] -> [..., M]` as is."""
     if callable(feature_map):
         return feature_map
     if isinstance(feature_map, str) and feature_map in FEATURE_MAPS:
@@ -70,12 +71,12 @@ def get_feature_map(feature_map: FeatureMap) -> Callable[[jnp.ndarray], jnp.ndar
 
 
 def _with_ones(value: jnp.ndarray) -> jnp.ndarray:
-    """`[..., dv] -> [..., dv + 1]`: the extra column of ones turns the numerator sums into the normaliser."""
+    """`[..., Hv] -> [..., Hv + 1]`: the extra column of ones turns the numerator sums into the normaliser."""
     return jnp.concatenate([value, jnp.ones(value.shape[:-1] + (1,), value.dtype)], axis=-1)
 
 
 def _normalise(summed: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """`[..., dv + 1]` (numerator, denominator) -> `[..., dv]`."""
+    """`[..., Hv + 1]` (numerator, denominator) -> `[..., Hv]`."""
     return summed[..., :-1] / (summed[..., -1:] + eps)
 
 
@@ -94,7 +95,7 @@ def _from_chunks(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def _causal_chunkwise(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, chunk: int) -> jnp.ndarray:
-    """`tril(q k^T) v` for `[B, N, T, d]`, `[B, N, T, d]`, `[B, N, T, dv]`, one chunk at a time."""
+    """`tril(q k^T) v` for `[B, N, T, H]`, `[B, N, T, H]`, `[B, N, T, Hv]`, one chunk at a time."""
     tri = jnp.tril(jnp.ones((chunk, chunk), q.dtype))
 
     def step(state, qkv):
@@ -166,51 +167,38 @@ def _causal_chunkwise_padded(phi_q, phi_k, v1, chunk: int, recompute_grad: bool)
 
 def _key_weights(mask, key_shape: tuple) -> jnp.ndarray | None:
     """Boolean mask broadcastable to `[batch..., N, 1, S]` -> float `[batch..., S, N, 1]` (1 = keep)."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != bool:
-        raise TypeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
-    *batch, s, n, _ = key_shape
-    if mask.ndim >= 2 and mask.shape[-2] != 1:
-        raise ValueError("linear attention can only hide keys for all queries alike: mask must broadcast to "
-                         f"[batch..., heads, 1, kv_len] = {tuple(batch) + (n, 1, s)}, got {mask.shape}")
-    try:
-        full = jnp.broadcast_to(mask, tuple(batch) + (n, 1, s))
-    except ValueError as err:
-        raise ValueError(f"mask of shape {mask.shape} does not broadcast to {tuple(batch) + (n, 1, s)}") from err
-    return jnp.swapaxes(full[..., 0, :], -1, -2)[..., None].astype(jnp.float32)
+    keep = key_padding_mask(mask, key_shape, "linear attention")
+    return None if keep is None else jnp.swapaxes(keep[..., 0, :], -1, -2)[..., None].astype(jnp.float32)
 
 
 def linear_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
                      scale: float | None = None, feature_map: FeatureMap = "elu",
                      chunk_size: int | None = None, eps: float = 1e-6,
                      recompute_grad: bool = True) -> jnp.ndarray:
-    """Linear attention `[batch..., T, N, dv]` from query `[batch..., T, N, d]`, key/value `[batch..., S, N, *]`.
+    """Linear attention `[batch..., T, N, Hv]` from query `[batch..., T, N, H]`, key/value `[batch..., S, N, *]`.
 
     Args:
-      query: `[batch..., T, N, d]`.
-      key: `[batch..., S, N, d]`.
-      value: `[batch..., S, N, dv]`.
+      query: `[batch..., T, N, H]`.
+      key: `[batch..., S, N, H]`.
+      value: `[batch..., S, N, Hv]`.
       bias: must be None: an additive bias on the scores has no place in the factorised sums.
       mask: optional boolean key mask broadcastable to `[batch..., N, 1, S]` (True = may attend); hidden keys
         are left out of every sum. A query whose keys are all hidden gets 0 (not the mean of the values).
       is_causal: query i sees keys j <= i (needs T == S).
       scale: multiplies the queries before the feature map. Default None = 1: the paper uses no scale,
         and for positively homogeneous maps (relu, identity) the normaliser cancels any scale anyway.
-      feature_map: "elu" (elu + 1, default), "relu", "identity", or a callable `[..., d] -> [..., m]`.
-      chunk_size: causal only. None: prefix sums (O(T d dv) memory); an int: the chunkwise scan.
+      feature_map: "elu" (elu + 1, default), "relu", "identity", or a callable `[..., H] -> [..., M]`.
+      chunk_size: causal only. None: prefix sums (O(T H Hv) memory); an int: the chunkwise scan.
         Lengths it does not divide are padded. Ignored when not causal (that form needs no chunks).
       eps: added to the denominator, so all-zero features (relu, padding, hidden keys) give 0, not NaN.
       recompute_grad: chunkwise form only: use the constant-memory custom gradient (True) or let JAX
         differentiate through the scan (False; stores per-chunk intermediates).
 
     Returns:
-      `[batch..., T, N, dv]` in `value`'s dtype; sums are computed in at least float32.
+      `[batch..., T, N, Hv]` in `value`'s dtype; sums are computed in at least float32.
     """
     query, key, value = check_qkv(query, key, value)
-    if bias is not None:
-        raise ValueError("linear attention cannot apply an additive bias to scores it never forms; pass bias=None")
+    reject_bias(bias, "linear attention")
     if is_causal and query.shape[-3] != key.shape[-3]:
         raise ValueError(f"is_causal=True needs as many queries as keys; got query {query.shape}, key {key.shape}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -240,7 +228,7 @@ def linear_attention(query, key, value, bias=None, mask=None, *, is_causal: bool
 
 
 class LinearState(NamedTuple):
-    """Recurrent state: `kv [batch..., N, d, dv]` = sum phi(k) v^T and `k_sum [batch..., N, d]` = sum phi(k)."""
+    """Recurrent state: `kv [batch..., N, H, Hv]` = sum phi(k) v^T and `k_sum [batch..., N, H]` = sum phi(k)."""
 
     kv: jnp.ndarray
     k_sum: jnp.ndarray
@@ -256,16 +244,16 @@ def init_state(batch_shape: tuple, num_heads: int, feature_dim: int, value_dim: 
 
 def recurrent_step(state: LinearState, query_t, key_t, value_t, *, feature_map: FeatureMap = "elu",
                    scale: float | None = None, eps: float = 1e-6) -> tuple[LinearState, jnp.ndarray]:
-    """One token: `query_t, key_t [batch..., N, d]`, `value_t [batch..., N, dv]` -> `(state, out_t [batch..., N, dv])`.
+    """One token: `query_t, key_t [batch..., N, H]`, `value_t [batch..., N, Hv]` -> `(state, out_t [batch..., N, Hv])`.
 
-    O(d dv) work and memory per token, whatever the position: the RNN view of causal linear attention.
+    O(H Hv) work and memory per token, whatever the position: the RNN view of causal linear attention.
     The new token is added to the state before it is read, so position i sees keys j <= i.
     """
     query_t = as_float_array("query_t", query_t)
     key_t = as_float_array("key_t", key_t)
     value_t = as_float_array("value_t", value_t)
     if query_t.shape != key_t.shape or query_t.shape[:-1] != value_t.shape[:-1]:
-        raise ValueError("query_t/key_t must be [batch..., N, d] and value_t [batch..., N, dv]; got "
+        raise ValueError("query_t/key_t must be [batch..., N, H] and value_t [batch..., N, Hv]; got "
                          f"query_t {query_t.shape}, key_t {key_t.shape}, value_t {value_t.shape}")
     phi = get_feature_map(feature_map)
     dtype = state.kv.dtype
@@ -294,14 +282,8 @@ def generate(project: Callable, readout: Callable, first_input, num_steps: int, 
 
     Returns:
       `(final_state, inputs, outputs)`: `inputs` stacks `x_0 .. x_{num_steps-1}` on a new leading time axis;
-      `outputs [num_steps, batch..., N, dv]` are the attention outputs; `readout(inputs[-1], outputs[-1])`
+      `outputs [num_steps, batch..., N, Hv]` are the attention outputs; `readout(inputs[-1], outputs[-1])`
       is the next input.
     """
-    def step(carry, _):
-        st, x = carry
-        q, k, v = project(x)
-        st, out = recurrent_step(st, q, k, v, feature_map=feature_map, scale=scale, eps=eps)
-        return (st, readout(x, out)), (x, out)
-
-    (final_state, _), (inputs, outputs) = jax.lax.scan(step, (state, first_input), None, length=num_steps)
-    return final_state, inputs, outputs
+    step = functools.partial(recurrent_step, feature_map=feature_map, scale=scale, eps=eps)
+    return decode(step, project, readout, first_input, num_steps, state)

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from labkit.attention._validate import as_float_array, check_qkv, default_scale
+from labkit.attention._validate import (as_float_array, check_qkv, default_scale, dropout_keep, key_padding_mask,
+                                       reject_bias)
 from labkit.attention.dense import LARGE_NEGATIVE
 
 SHARING_MODES = ("none", "headwise", "kv", "layerwise")
@@ -99,19 +100,6 @@ def _check_sharing(sharing: str) -> None:
         raise ValueError(f"sharing must be one of {SHARING_MODES}, got {sharing!r}")
 
 
-def _key_mask(mask, key: jnp.ndarray) -> jnp.ndarray:
-    """Boolean key padding mask broadcast to `[batch..., S]` (True = a real key)."""
-    batch, seq = key.shape[:-3], key.shape[-3]
-    if mask is None:
-        return jnp.ones(batch + (seq,), bool)
-    mask = jnp.asarray(mask, bool)
-    try:
-        return jnp.broadcast_to(mask, batch + (seq,))
-    except ValueError as err:
-        raise ValueError(f"mask must be a key padding mask broadcastable to [batch..., S] = {batch + (seq,)}, "
-                         f"got shape {mask.shape}") from err
-
-
 def _pad_seq(x: jnp.ndarray, length: int) -> jnp.ndarray:
     """Zero-pad the sequence axis (-3) of `[batch..., S, N, H]` up to `length`."""
     widths = [(0, 0)] * x.ndim
@@ -144,94 +132,108 @@ def _project_blocks(x: jnp.ndarray, kernel: jnp.ndarray | None, valid: jnp.ndarr
     return pooled, jnp.any(vblocks, axis=-1)
 
 
-def linformer_attention(query, key, value, e_proj=None, f_proj=None, *, mask=None, is_causal: bool = False,
-                        scale: float | None = None, downsample: str = "linear", stride: int | None = None,
-                        dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
-    """Linformer attention `[batch..., T, N, Hv]`: keys/values projected along the sequence axis to length k.
+def linformer_attention(query, key, value, bias=None, mask=None, *, e_proj=None, f_proj=None,
+                        is_causal: bool = False, scale: float | None = None, downsample: str = "linear",
+                        stride: int | None = None, dropout_rate: float = 0.0,
+                        prng_key: jax.Array | None = None) -> jnp.ndarray:
+    """Linformer attention `[batch..., T, N, Hv]`: keys/values projected along the sequence axis to length K.
 
     Args:
       query: `[batch..., T, N, H]`.
       key: `[batch..., S, N, H]`.
       value: `[batch..., S, N, Hv]`.
-      e_proj: keys' projection. `downsample="linear"`: `[N, k, n]` (one per head) or `[k, n]` (shared by
+      bias: must be None (there is no `[T, S]` score matrix to add it to).
+      mask: optional boolean key-padding mask broadcastable to `[batch..., 1, 1, S]` (one row for all heads);
+        False hides key j from every query. Hidden keys and values are zeroed before projecting.
+      e_proj: keys' projection. `downsample="linear"`: `[N, K, n]` (one per head) or `[K, n]` (shared by
         heads), with S <= n (shorter inputs are padded with hidden positions). `"conv"`: a kernel `[N, r]`
         or `[r]` applied with stride r. `"mean"`: None.
       f_proj: values' projection, same shape as `e_proj`; None means F = E (key-value sharing).
-      mask: optional boolean key padding mask broadcastable to `[batch..., S]`; False hides key j from every
-        query. Hidden keys and values are zeroed before projecting.
       is_causal: not supported (the projection mixes future and past positions); True raises ValueError.
       scale: logit scale, default `1/sqrt(H)`.
       downsample: "linear" (the learned E, F), "mean" (mean pooling) or "conv" (strided convolution).
       stride: block length r for `"mean"` (required) and `"conv"` (default: the kernel's length). The
-        sequence is padded to a multiple of r; k = ceil(S / r).
-      dropout_rate: dropout on the `[T, k]` attention probabilities; needs `dropout_rng`.
-      dropout_rng: PRNG key for that dropout.
+        sequence is padded to a multiple of r; K = ceil(S / r).
+      dropout_rate: dropout on the `[T, K]` attention probabilities; needs `prng_key`.
+      prng_key: the key of that dropout.
 
     Returns:
       `[batch..., T, N, Hv]` in `value`'s dtype; the softmax is computed in float32.
     """
     query, key, value = check_qkv(query, key, value)
+    reject_bias(bias, "linformer_attention")
     if is_causal:
         raise ValueError("linformer_attention has no causal form: projecting along the sequence mixes future "
                          "keys into every projected key (is_causal=True is not supported)")
     if downsample not in DOWNSAMPLE_MODES:
         raise ValueError(f"downsample must be one of {DOWNSAMPLE_MODES}, got {downsample!r}")
-    scale = default_scale(scale, query.shape[-1])
-    seq, heads = key.shape[-3], key.shape[-2]
-    valid = _key_mask(mask, key)
+    valid = key_padding_mask(mask, key.shape, "linformer_attention", per_head=False)
+    valid = jnp.ones(key.shape[:-3] + key.shape[-3:-2], bool) if valid is None else valid  # [batch..., S]
     keep = valid[..., None, None]
     key = jnp.where(keep, key, 0)  # hide before projecting: a projection would spread hidden keys everywhere
     value = jnp.where(keep, value, 0)
-
-    block_valid = None  # [batch..., k]: which projected keys may be attended to (pooling modes only)
     if downsample == "linear":
-        e_proj = as_float_array("e_proj", e_proj)
-        f_proj = e_proj if f_proj is None else as_float_array("f_proj", f_proj)
-        if e_proj.shape != f_proj.shape or e_proj.ndim not in (2, 3) or (
-                e_proj.ndim == 3 and e_proj.shape[0] != heads):
-            raise ValueError(f"e_proj and f_proj must both be [N={heads}, k, n] or [k, n]; got e_proj "
-                             f"{e_proj.shape}, f_proj {f_proj.shape}")
-        n = e_proj.shape[-1]
-        if seq > n:
-            raise ValueError(f"sequence length S = {seq} (key {key.shape}) is longer than the projection's "
-                             f"length n = {n} (e_proj {e_proj.shape}); build E, F with n >= {seq}")
-        key, value = _pad_seq(key, n), _pad_seq(value, n)
-        proj_key, proj_value = _project_linear(key, e_proj), _project_linear(value, f_proj)
+        proj_key, proj_value, block_valid = (*_project_with_matrices(key, value, e_proj, f_proj), None)
     else:
-        kernels = (None, None)
-        if downsample == "conv":
-            e_proj = as_float_array("e_proj", e_proj)
-            f_proj = e_proj if f_proj is None else as_float_array("f_proj", f_proj)
-            if e_proj.shape != f_proj.shape or e_proj.ndim not in (1, 2) or (
-                    e_proj.ndim == 2 and e_proj.shape[0] != heads):
-                raise ValueError(f"conv kernels e_proj and f_proj must both be [N={heads}, r] or [r]; got e_proj "
-                                 f"{e_proj.shape}, f_proj {f_proj.shape}")
-            stride = e_proj.shape[-1] if stride is None else stride
-            if stride != e_proj.shape[-1]:
-                raise ValueError(f"kernel size and stride must be equal (the paper's n/k); got stride {stride}, "
-                                 f"kernel {e_proj.shape}")
-            kernels = (e_proj, f_proj)
-        elif e_proj is not None or f_proj is not None:
-            raise ValueError("downsample='mean' has no learned projection: pass e_proj=None, f_proj=None")
-        if not isinstance(stride, (int, np.integer)) or stride < 1:
-            raise ValueError(f"downsample={downsample!r} needs a positive integer stride, got {stride!r}")
-        padded = -(-seq // stride) * stride
-        key, value = _pad_seq(key, padded), _pad_seq(value, padded)
-        valid = jnp.pad(valid, [(0, 0)] * (valid.ndim - 1) + [(0, padded - seq)])
-        proj_key, block_valid = _project_blocks(key, kernels[0], valid, stride)
-        proj_value, _ = _project_blocks(value, kernels[1], valid, stride)
-
-    logits = jnp.einsum("...tnh,...knh->...ntk", query.astype(jnp.float32), proj_key) * scale
+        proj_key, proj_value, block_valid = _project_by_pooling(key, value, valid, e_proj, f_proj, downsample,
+                                                                stride)
+    logits = jnp.einsum("...tnh,...knh->...ntk", query.astype(jnp.float32), proj_key)
+    logits = logits * default_scale(scale, query.shape[-1])
     if block_valid is not None:
         logits = jnp.where(block_valid[..., None, None, :], logits, LARGE_NEGATIVE)
     probs = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs a dropout_rng")
-        keep_prob = 1.0 - dropout_rate
-        probs = probs * jax.random.bernoulli(dropout_rng, keep_prob, probs.shape) / keep_prob
+    drop = dropout_keep(prng_key, dropout_rate, probs.shape)
+    if drop is not None:
+        probs = probs * drop
     out = jnp.einsum("...ntk,...knh->...tnh", probs, proj_value)
     return out.astype(value.dtype)
+
+
+def _matching_projections(e_proj, f_proj, ranks: tuple, heads: int, what: str) -> tuple:
+    """E and F (F = E when None) as float arrays of one shape, rank in `ranks`, leading axis N if per head."""
+    e_proj = as_float_array("e_proj", e_proj)
+    f_proj = e_proj if f_proj is None else as_float_array("f_proj", f_proj)
+    if e_proj.shape != f_proj.shape or e_proj.ndim not in ranks or (
+            e_proj.ndim == max(ranks) and e_proj.shape[0] != heads):
+        raise ValueError(f"{what} e_proj and f_proj must both be {' or '.join(_SHAPES[r] for r in ranks)} with "
+                         f"N={heads}; got e_proj {e_proj.shape}, f_proj {f_proj.shape}")
+    return e_proj, f_proj
+
+
+_SHAPES = {1: "[r]", 2: "[N, r] / [K, n]", 3: "[N, K, n]"}
+
+
+def _project_with_matrices(key, value, e_proj, f_proj):
+    """The learned projections: `[batch..., S, N, *]` -> `[batch..., K, N, *]` (S padded up to n)."""
+    seq, heads = key.shape[-3], key.shape[-2]
+    e_proj, f_proj = _matching_projections(e_proj, f_proj, (2, 3), heads, "linear")
+    n = e_proj.shape[-1]
+    if seq > n:
+        raise ValueError(f"sequence length S = {seq} (key {key.shape}) is longer than the projection's "
+                         f"length n = {n} (e_proj {e_proj.shape}); build E, F with n >= {seq}")
+    return _project_linear(_pad_seq(key, n), e_proj), _project_linear(_pad_seq(value, n), f_proj)
+
+
+def _project_by_pooling(key, value, valid, e_proj, f_proj, downsample: str, stride):
+    """Mean pooling or a strided convolution over blocks of `stride` positions; also which blocks hold a key."""
+    seq, heads = key.shape[-3], key.shape[-2]
+    kernels = (None, None)
+    if downsample == "conv":
+        kernels = _matching_projections(e_proj, f_proj, (1, 2), heads, "conv kernels")
+        stride = kernels[0].shape[-1] if stride is None else stride
+        if stride != kernels[0].shape[-1]:
+            raise ValueError(f"kernel size and stride must be equal (the paper's n/k); got stride {stride}, "
+                             f"kernel {kernels[0].shape}")
+    elif e_proj is not None or f_proj is not None:
+        raise ValueError("downsample='mean' has no learned projection: pass e_proj=None, f_proj=None")
+    if not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"downsample={downsample!r} needs a positive integer stride, got {stride!r}")
+    padded = -(-seq // stride) * stride
+    key, value = _pad_seq(key, padded), _pad_seq(value, padded)
+    valid = jnp.pad(valid, [(0, 0)] * (valid.ndim - 1) + [(0, padded - seq)])
+    proj_key, block_valid = _project_blocks(key, kernels[0], valid, stride)
+    proj_value, _ = _project_blocks(value, kernels[1], valid, stride)
+    return proj_key, proj_value, block_valid
 
 
 # ---------------------------------------------------------------- multi-head self-attention, checkpoint levels
@@ -241,7 +243,7 @@ CHECKPOINT_LEVELS = ("C0", "C1", "C2")
 
 def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, bias: bool = False,
                              checkpoint: str = "C0", dropout_rate: float = 0.0,
-                             dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+                             prng_key: jax.Array | None = None) -> jnp.ndarray:
     """Multi-head Linformer self-attention `x [B, T, d_model]` -> `[B, T, d_model]`, in Trax's weight layout.
 
     `qkvo = (w_q, w_k, w_v, w_o)` (+ `b_q, b_k, b_v` when `bias`) stacked over heads as in `tl.SelfAttention`:
@@ -253,13 +255,16 @@ def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, 
     "C0" keeps every intermediate; "C1" keeps only this call's inputs and recomputes the attention in the
     backward pass; "C2" additionally runs the heads in a loop, each recomputed separately, so only one head's
     intermediates are alive at a time. All three give the same outputs and gradients (to float rounding).
-    Measured on XLA:CPU (`checkpoint_memory_table`): C2 cuts the peak; C1 alone saves nothing there, because
-    inside one jitted program XLA is free to run every layer's recomputation early.
+    Measured on XLA:CPU (`labkit.bench.checkpoint_memory_table`): C2 cuts the peak; C1 alone saves nothing
+    there, because inside one jitted program XLA is free to run every layer's recomputation early.
     """
     if checkpoint not in CHECKPOINT_LEVELS:
         raise ValueError(f"checkpoint must be one of {CHECKPOINT_LEVELS}, got {checkpoint!r}")
     n_heads = qkvo[0].shape[0]
-    rngs = jax.random.split(dropout_rng, n_heads) if dropout_rate > 0.0 else None
+    if dropout_rate > 0.0 and prng_key is None:
+        raise ValueError("dropout_rate > 0 needs a prng_key")
+    rngs = jax.random.split(prng_key, n_heads) if dropout_rate > 0.0 else None
+    mask = None if mask is None else jnp.asarray(mask)[..., None, None, :]  # [B, T] -> [B, 1, 1, S]
 
     def one_head(x, head_weights, e, f, rng):
         if bias:
@@ -268,8 +273,8 @@ def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, 
             (w_q, w_k, w_v, w_o), b_q, b_k, b_v = head_weights, 0.0, 0.0, 0.0
         # [B, T, d] @ [d, h] -> [B, T, 1, h]: the attention function takes a heads axis.
         q, k, v = ((x @ w + b)[..., None, :] for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
-        o = linformer_attention(q, k, v, e[None], f[None], mask=mask, dropout_rate=dropout_rate,
-                                dropout_rng=rng)
+        o = linformer_attention(q, k, v, mask=mask, e_proj=e[None], f_proj=f[None], dropout_rate=dropout_rate,
+                                prng_key=rng)
         return o[..., 0, :] @ w_o
 
     def all_heads(x, qkvo, e_proj, f_proj):
@@ -292,66 +297,3 @@ def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, 
     e_proj = jnp.asarray(e_proj)
     return run(x, tuple(qkvo), e_proj, e_proj if f_proj is None else jnp.asarray(f_proj))  # F = E if None
 
-
-def _memory_worker(spec: dict) -> dict:
-    """Peak extra resident memory of one forward+backward of a residual Linformer stack (run in a subprocess)."""
-    from labkit.bench import MIB, _PeakMemory
-
-    b, t, d, n_heads, dh, k, depth = (spec[name] for name in ("batch", "seq", "d_model", "heads", "head_dim",
-                                                               "proj_k", "depth"))
-    keys = jax.random.split(jax.random.PRNGKey(0), 6)
-    x = jax.random.normal(keys[0], (b, t, d))
-    layers = [(tuple(jax.random.normal(jax.random.fold_in(keys[i], layer), shape) * 0.05 for i, shape in
-                     zip(range(1, 5), [(n_heads, d, dh)] * 3 + [(n_heads, dh, d)])),
-               jax.random.normal(jax.random.fold_in(keys[5], layer), (n_heads, k, t)) / np.sqrt(k))
-              for layer in range(depth)]
-
-    def loss(layers, x):
-        for qkvo, e in layers:
-            x = x + linformer_self_attention(x, qkvo, e, checkpoint=spec["level"])
-        return jnp.sum(x ** 2)
-
-    step = jax.jit(jax.grad(loss)).lower(layers, x).compile()
-    peak = _PeakMemory()
-    peak.start()
-    jax.block_until_ready(step(layers, x))
-    return {"peak_extra_mib": peak.stop() / MIB, "method": peak.method}
-
-
-def checkpoint_memory_table(levels=CHECKPOINT_LEVELS, *, batch: int = 2, seq: int = 4096, d_model: int = 128,
-                            heads: int = 4, head_dim: int = 64, proj_k: int = 256, depth: int = 3) -> list[dict]:
-    """Measure each checkpoint level's peak extra memory (forward + backward), one fresh subprocess per level."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    rows = []
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    for level in levels:
-        spec = dict(level=level, batch=batch, seq=seq, d_model=d_model, heads=heads, head_dim=head_dim,
-                    proj_k=proj_k, depth=depth)
-        code = ("import json, sys, labkit; from labkit.attention.linformer import _memory_worker; "
-                "print('RESULT', json.dumps(_memory_worker(json.loads(sys.argv[1]))))")
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              env=env, timeout=600)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        result = json.loads(lines[-1][7:]) if lines else {"error": done.stderr.strip()[-300:]}
-        rows.append({**spec, **result})
-    return rows
-
-
-def bench_callable(*, causal: bool = False, proj_k: int = 256, seed: int = 0):
-    """`fn(query, key, value)` for `labkit.bench`: fixed random per-head E, F `[N, min(k, S), S]`, made at trace time."""
-    if causal:
-        raise ValueError("linformer_attention has no causal form")
-
-    def fn(query, key, value):
-        heads, seq = key.shape[-2], key.shape[-3]
-        k = min(proj_k, seq)
-        rng = np.random.default_rng(seed)
-        e, f = (rng.standard_normal((heads, k, seq), dtype=np.float32) / np.sqrt(k) for _ in range(2))
-        return linformer_attention(query, key, value, e, f)
-
-    return fn

@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from labkit.attention._validate import check_qkv, default_scale
+from labkit.attention._validate import (check_qkv, default_scale, dropout_keep, key_padding_mask, positive_int,
+                                       reject_bias)
 from labkit.attention.dense import LARGE_NEGATIVE
 
 SELF_PENALTY = 1e5  # Trax's soft self-mask for shared-QK attention
@@ -76,48 +77,45 @@ def _local_attention_one(q, k, v, key_valid, dropout_keep, *, is_causal, scale, 
     return out.transpose(1, 0, 2).astype(v.dtype)
 
 
-def local_attention(query, key, value, mask=None, *, is_causal: bool = False, scale: float | None = None,
-                    chunk_len: int | None = None, n_chunks_before: int = 0, n_chunks_after: int = 0,
-                    exclude_self: bool = False, dropout_rate: float = 0.0,
-                    dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+def local_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
+                    scale: float | None = None, chunk_len: int | None = None, n_chunks_before: int = 0,
+                    n_chunks_after: int = 0, exclude_self: bool = False, dropout_rate: float = 0.0,
+                    prng_key: jax.Array | None = None) -> jnp.ndarray:
     """Chunked local self-attention `[batch..., T, N, Hv]`, matching Trax's `attend` with chunking.
 
     Args:
       query: `[batch..., T, N, H]`.
       key: `[batch..., T, N, H]` (self-attention: same length as the queries).
       value: `[batch..., T, N, Hv]`.
-      mask: optional boolean key-padding mask `[batch..., T]`; False hides that position as a key.
-        (A full `[T, S]` mask would defeat the purpose of local attention, so it is not accepted.)
+      bias: must be None (the windows never form the full `[T, S]` scores it would be sliced from).
+      mask: optional boolean key-padding mask broadcastable to `[batch..., 1, 1, T]` (one row for all heads
+        and queries); False hides that position as a key. A full `[T, S]` mask would defeat the purpose of
+        local attention, so it is not accepted.
       is_causal: hide keys after the query.
       scale: logit scale, default `1/sqrt(H)`.
       chunk_len: positions per chunk; None attends over the whole sequence.
       n_chunks_before: earlier chunks each chunk also sees (wrapping around the start).
       n_chunks_after: later chunks each chunk also sees (wrapping around the end).
       exclude_self: subtract 1e5 from each query's score against its own position (shared-QK).
-      dropout_rate: attention dropout probability; needs `dropout_rng`.
-      dropout_rng: PRNG key; the keep mask has shape `[chunk_len, W]` and is shared by all chunks,
+      dropout_rate: attention dropout probability; needs `prng_key`.
+      prng_key: dropout's key; the keep mask has shape `[chunk_len, W]` and is shared by all chunks,
         heads and examples, exactly as Trax draws it.
     """
     query, key, value = check_qkv(query, key, value)
+    reject_bias(bias, "local_attention")
     seq_len = query.shape[-3]
     if key.shape[-3] != seq_len:
         raise ValueError(f"local_attention is self-attention: query length {seq_len} != key length {key.shape[-3]}")
     if chunk_len is None and (n_chunks_before or n_chunks_after):
         raise ValueError(f"n_chunks_before={n_chunks_before} and n_chunks_after={n_chunks_after} need a chunk_len")
-    if chunk_len is not None and (int(chunk_len) != chunk_len or chunk_len < 1):
-        raise ValueError(f"chunk_len must be a positive integer or None, got {chunk_len!r}")
+    positive_int("chunk_len", chunk_len, allow_none=True)
     if n_chunks_before < 0 or n_chunks_after < 0:
         raise ValueError(f"n_chunks_before/after must be >= 0, got {n_chunks_before}, {n_chunks_after}")
     batch_shape = query.shape[:-3]
-    mask = jnp.ones(batch_shape + (seq_len,), bool) if mask is None else jnp.broadcast_to(
-        jnp.asarray(mask, bool), batch_shape + (seq_len,))
+    valid = key_padding_mask(mask, key.shape, "local_attention", per_head=False)
+    valid = jnp.ones(batch_shape + (seq_len,), bool) if valid is None else valid
     window = (chunk_len or seq_len) * (1 + n_chunks_before + n_chunks_after)
-    keep = None
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs a dropout_rng")
-        keep_prob = 1.0 - dropout_rate
-        keep = jax.random.bernoulli(dropout_rng, keep_prob, (chunk_len or seq_len, window)) / keep_prob
+    keep = dropout_keep(prng_key, dropout_rate, (chunk_len or seq_len, window))
 
     fn = lambda q, k, v, m: _local_attention_one(
         q, k, v, m, keep, is_causal=is_causal, scale=default_scale(scale, query.shape[-1]),
@@ -125,4 +123,4 @@ def local_attention(query, key, value, mask=None, *, is_causal: bool = False, sc
         exclude_self=exclude_self)
     for _ in batch_shape:
         fn = jax.vmap(fn)
-    return fn(query, key, value, mask)
+    return fn(query, key, value, valid)

@@ -41,7 +41,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from labkit.attention._validate import as_float_array, default_scale
+from labkit.attention._validate import as_float_array, default_scale, dropout_keep, key_padding_mask, reject_bias
 from labkit.attention.local import SELF_PENALTY, length_normalized, look_adjacent
 
 MASK_PENALTY = 1e9  # Trax's soft mask for future and padding keys
@@ -119,7 +119,7 @@ def sort_by_bucket(buckets: jnp.ndarray, seq_len: int) -> tuple[jnp.ndarray, jnp
 def chunked_lsh_attention(sq: jnp.ndarray, sv: jnp.ndarray, positions: jnp.ndarray, key_valid=None, *,
                           is_causal: bool = False, scale: float | None = None, chunk_len: int | None = None,
                           n_chunks_before: int = 1, n_chunks_after: int = 0, dropout_rate: float = 0.0,
-                          dropout_rng: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                          prng_key: jax.Array | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Shared-QK attention inside chunks of sorted items -> `(out [M, Hv], logsumexp [M])` (float32).
 
     Args:
@@ -131,7 +131,7 @@ def chunked_lsh_attention(sq: jnp.ndarray, sv: jnp.ndarray, positions: jnp.ndarr
       scale: logit scale, default `1/sqrt(H)`.
       chunk_len: items per chunk; None puts all M in one chunk (then no neighbours are allowed).
       n_chunks_before, n_chunks_after: neighbouring chunks each chunk also sees (wrapping around).
-      dropout_rate, dropout_rng: attention dropout, one `[chunk_len, W]` keep mask shared by all chunks.
+      dropout_rate, prng_key: attention dropout, one `[chunk_len, W]` keep mask shared by all chunks.
     """
     m = sq.shape[0]
     if chunk_len is None and (n_chunks_before or n_chunks_after):
@@ -163,11 +163,9 @@ def chunked_lsh_attention(sq: jnp.ndarray, sv: jnp.ndarray, positions: jnp.ndarr
 
     lse = jax.nn.logsumexp(dots, axis=-1, keepdims=True)
     probs = jnp.exp(dots - lse)
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs a dropout_rng")
-        keep_prob = 1.0 - dropout_rate
-        probs = probs * (jax.random.bernoulli(dropout_rng, keep_prob, probs.shape[-2:]) / keep_prob)
+    keep = dropout_keep(prng_key, dropout_rate, probs.shape[-2:])
+    if keep is not None:
+        probs = probs * keep
     out = jnp.einsum("clw,cwh->clh", probs, v.astype(jnp.float32))
     return out.reshape(-1, out.shape[-1])[:m], lse.reshape(-1)[:m]
 
@@ -190,7 +188,7 @@ def combine_hash_rounds(out: jnp.ndarray, lse: jnp.ndarray) -> jnp.ndarray:
 def lsh_attention_head(q: jnp.ndarray, v: jnp.ndarray, buckets: jnp.ndarray, mask: jnp.ndarray | None = None, *,
                        n_hashes: int, is_causal: bool = False, scale: float | None = None,
                        chunk_len: int | None = 64, n_chunks_before: int = 1, n_chunks_after: int = 0,
-                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jnp.ndarray:
+                       dropout_rate: float = 0.0, prng_key: jax.Array | None = None) -> jnp.ndarray:
     """LSH attention for one head: `q [T, H]`, `v [T, Hv]`, flat offset `buckets [n_hashes * T]` -> `[T, Hv]`.
 
     `buckets` come from `lsh_buckets` (passing them in lets a layer reuse the hashes it keeps in its
@@ -206,22 +204,25 @@ def lsh_attention_head(q: jnp.ndarray, v: jnp.ndarray, buckets: jnp.ndarray, mas
     so, slse = chunked_lsh_attention(
         sq, sv, positions, key_valid, is_causal=is_causal, scale=scale, chunk_len=chunk_len,
         n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        dropout_rate=dropout_rate, prng_key=prng_key)
     o = unsort(so, undo).reshape(n_hashes, seq_len, -1)
     lse = unsort(slse, undo).reshape(n_hashes, seq_len)
     return combine_hash_rounds(o, lse).astype(v.dtype)
 
 
-def lsh_attention(query, value, mask=None, *, is_causal: bool = False, scale: float | None = None,
-                  chunk_len: int = 64, n_buckets: int | list[int] | None = None, n_hashes: int = 1,
-                  n_chunks_before: int = 1, n_chunks_after: int = 0,
+def lsh_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
+                  scale: float | None = None, chunk_len: int = 64, n_buckets: int | list[int] | None = None,
+                  n_hashes: int = 1, n_chunks_before: int = 1, n_chunks_after: int = 0,
                   prng_key: jax.Array | None = None) -> jnp.ndarray:
     """Reformer LSH self-attention `[batch..., T, N, Hv]`; keys are the length-normalised queries.
 
     Args:
       query: `[batch..., T, N, H]` (shared QK: also the keys, after length normalisation).
+      key: must be None: with shared QK the keys are derived from the queries.
       value: `[batch..., T, N, Hv]`.
-      mask: optional boolean key-padding mask `[batch..., T]`; False hides that position as a key.
+      bias: must be None (the scores exist only inside the sorted chunks).
+      mask: optional boolean key-padding mask broadcastable to `[batch..., 1, 1, T]`; False hides that
+        position as a key.
       is_causal: hide keys after the query.
       scale: logit scale, default `1/sqrt(H)`.
       chunk_len: sorted items per chunk.
@@ -231,6 +232,10 @@ def lsh_attention(query, value, mask=None, *, is_causal: bool = False, scale: fl
       prng_key: key for the random rotations; each example and head gets its own (split from it).
     """
     query, value = as_float_array("query", query), as_float_array("value", value)
+    if key is not None:
+        raise ValueError("lsh_attention shares queries and keys (the keys are the length-normalised queries): "
+                         f"pass key=None, got a key of shape {jnp.shape(key)}")
+    reject_bias(bias, "lsh_attention")
     shapes = f"query {query.shape}, value {value.shape}"
     if query.ndim < 3 or value.ndim != query.ndim or query.shape[:-1] != value.shape[:-1]:
         raise ValueError("query and value must be [batch..., seq, heads, dim] with the same leading dims; "
@@ -244,8 +249,7 @@ def lsh_attention(query, value, mask=None, *, is_causal: bool = False, scale: fl
     seq_len, n_heads = query.shape[-3], query.shape[-2]
     batch_shape = query.shape[:-3]
     n_buckets = default_n_buckets(seq_len, chunk_len) if n_buckets is None else n_buckets
-    if mask is not None:
-        mask = jnp.broadcast_to(jnp.asarray(mask, bool), batch_shape + (seq_len,))
+    mask = key_padding_mask(mask, query.shape, "lsh_attention", per_head=False)
 
     def one_head(q, v, m, key):  # q [T, H], v [T, Hv], m [T] | None
         buckets = lsh_buckets(q, n_buckets, n_hashes, key, m)

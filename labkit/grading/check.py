@@ -12,7 +12,7 @@ from labkit.grading.compare import compare, same_output
 from labkit.grading.exercise import Case, Exercise, registry
 from labkit.grading.explain import explain
 from labkit.grading.report import CaseResult, Report
-from labkit.grading.safe_call import CallResult, safe_call
+from labkit.grading.safe_call import CallResult, root_cause, safe_call
 
 
 def snapshot(tree: Any) -> list[np.ndarray | None]:
@@ -36,13 +36,6 @@ def _printed_note(result: CallResult) -> list[str]:
     return [f"(it printed {result.printed_chars:,} characters; first line: {first!r})"]
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """Unwrap Trax's LayerError, whose message is a long traceback, down to the learner's exception."""
-    while type(err).__name__ == "LayerError" and (err.__cause__ or err.__context__):
-        err = err.__cause__ or err.__context__
-    return err
-
-
 def _error_result(name: str, result: CallResult, exercise: Exercise) -> CaseResult:
     err = result.error
     if isinstance(err, NotImplementedError):
@@ -50,7 +43,7 @@ def _error_result(name: str, result: CallResult, exercise: Exercise) -> CaseResu
     if isinstance(err, SystemExit):
         lines = [f"called sys.exit({err.code!r}) instead of returning a result"]
         return CaseResult(name, "error", lines + _printed_note(result), "return the value; never exit the kernel")
-    root = _root_cause(err)
+    root = root_cause(err)
     inside = " inside the Trax layer" if root is not err else ""
     raw = f"{type(root).__name__}: {str(root).strip()}"
     meaning = explain(root)

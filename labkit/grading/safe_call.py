@@ -60,6 +60,13 @@ class _CappedText(io.TextIOBase):
         return len(text)
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """Unwrap Trax's LayerError, whose message is a long traceback, down to the learner's exception."""
+    while type(error).__name__ == "LayerError" and (error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _innermost_frame(error: BaseException) -> str:
     """Describe the deepest traceback frame outside labkit, jax and numpy: the learner's line."""
     frames = traceback.extract_tb(error.__traceback__)

@@ -18,7 +18,7 @@ from labkit.grading.inputs import normal as _normal
 
 def projected_attention_reference(q, k, v, e, f):
     """One head: q `[T, d]`, k `[n, d]`, v `[n, dv]`, E, F `[k, n]` -> `softmax(q (E k)^T / sqrt(d)) (F v)`."""
-    return linformer_attention(q[:, None], k[:, None], v[:, None], e, f)[:, 0]
+    return linformer_attention(q[:, None], k[:, None], v[:, None], e_proj=e, f_proj=f)[:, 0]
 
 
 def _projected_with(q, k, v, e, f, *, feature_axis=False, scale=True, axis=-1, values_with_e=False):
@@ -92,7 +92,7 @@ register(Exercise(
 
 def padded_attention_reference(q, k, v, e, f, valid):
     """One head with `S <= n` keys, `valid [S]` (False = padding): zero hidden keys/values, pad to n, project."""
-    return linformer_attention(q[:, None], k[:, None], v[:, None], e, f, mask=valid)[:, 0]
+    return linformer_attention(q[:, None], k[:, None], v[:, None], mask=valid, e_proj=e, f_proj=f)[:, 0]
 
 
 def _padded_with(q, k, v, e, f, valid, *, zero_hidden=True, pad_front=False):

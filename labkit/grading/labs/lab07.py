@@ -169,7 +169,7 @@ register(Exercise(
 
 def leap_head_reference(q, f, k, v, window=None):
     """One head: q/f/k `[T, d]`, v `[T, dv]` -> `[T, dv]` = sigmoid(q_t . K~_t / sqrt d) V~_t."""
-    return leap_attention(q[:, None], f[:, None], k[:, None], v[:, None], window=window)[:, 0]
+    return leap_attention(q[:, None], k[:, None], v[:, None], focus=f[:, None], is_causal=True, window=window)[:, 0]
 
 
 def _leap_head_with(q, f, k, v, window=None, *, focus_scale=True, gate="sigmoid", extra=0, gate_key="focused"):

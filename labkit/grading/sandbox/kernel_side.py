@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from labkit.grading.safe_call import CallResult
+from labkit.grading.safe_call import CallResult, root_cause
 
 MAX_ITEMS = 64  # elements of a returned tuple/list that are kept
 MAX_DEPTH = 4
@@ -62,9 +62,7 @@ def _encode(value: Any, directory: Path, stem: str, counter: list[int], depth: i
 
 def _error_record(error: BaseException) -> dict:
     """What the grader needs to explain an exception: its type, message, and whether Trax wrapped it."""
-    root = error
-    while type(root).__name__ == "LayerError" and (root.__cause__ or root.__context__):
-        root = root.__cause__ or root.__context__
+    root = root_cause(error)
     record = {"type": type(root).__name__, "builtin": type(root).__module__ == "builtins",
               "message": str(root)[:2000], "layer": root is not error}
     if isinstance(root, SystemExit):
