@@ -1,10 +1,17 @@
-"""labkit.bench: worker output parsing, real measurements in subprocesses, skips, and linear memory scaling."""
+"""labkit.bench: the worker helper, implementations from the registry, real measurements in subprocesses, skips,
+memory models, linear memory scaling, the command line and lab 06's checkpoint table."""
 
 import json
+import os
+from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
+import labkit
 from labkit import bench
+from labkit.attention import FAMILIES, Problem
 
 
 def test_parse_worker_output_takes_the_last_result_line():
@@ -20,21 +27,108 @@ def test_parse_worker_output_takes_the_last_result_line():
 
 
 def test_flops_and_round_trip():
-    shape = bench.Shape(batch=2, heads=4, seq_len=1024, head_dim=64)
-    assert bench.attention_flops(shape) == 4 * 2 * 4 * 1024 * 1024 * 64
-    both = bench.Shape(2, 4, 1024, 64, causal=True, backward=True)
-    assert bench.attention_flops(both) == pytest.approx(bench.attention_flops(shape) * 2.5 / 2)
+    problem = Problem(batch=2, heads=4, seq_len=1024, head_dim=64)
+    assert bench.attention_flops(problem) == 4 * 2 * 4 * 1024 * 1024 * 64
+    both = Problem(2, 1024, 4, 64, causal=True, backward=True)
+    assert bench.attention_flops(both) == pytest.approx(bench.attention_flops(problem) * 2.5 / 2)
     m = bench.Measurement("dense", 256, time_s=0.5, times_s=[0.5], gflops=1.0, peak_extra_mib=2.0)
     assert bench.Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
+
+# ---------------------------------------------------------------- the worker helper
+
+def test_worker_returns_the_functions_value_and_its_peak_memory():
+    spec = {"a": 1, "b": [1, 2]}
+    done = bench.run_in_worker("builtins:dict", spec, timeout_s=120)
+    assert done.ok and done.value == spec and done.returncode == 0
+    assert done.peak_rss_mib > 10  # an interpreter that imported labkit.bench (and so jax) holds far more
+
+
+def test_worker_reports_an_exception_a_timeout_and_a_missing_function():
+    raised = bench.run_in_worker("json:loads", {"not": "a string"}, timeout_s=120)
+    assert not raised.ok and raised.error.startswith("TypeError:") and raised.value is None
+    missing = bench.run_in_worker("labkit.bench:no_such_function", {}, timeout_s=120)
+    assert missing.error.startswith("AttributeError:")
+    slow = bench.run_in_worker("builtins:dict", {}, timeout_s=0.05)  # importing jax alone takes longer
+    assert slow.error == "timed out after 0.05 s"
+
+
+def test_workers_can_run_at_once_with_extra_environment():
+    started = [bench.start_worker("os:getenv", "LABKIT_TEST_WORKER", env={"LABKIT_TEST_WORKER": str(i)})
+               for i in range(2)]
+    assert [bench.finish_worker(p, timeout_s=120).value for p in started] == ["0", "1"]
+
+
+def test_worker_imports_the_parents_labkit():
+    entry = Path(bench.worker.labkit_path_entry())
+    assert (entry / "labkit" / "__init__.py").resolve() == Path(labkit.__file__).resolve()
+    assert bench.worker.worker_env()["PYTHONPATH"].split(os.pathsep)[0] == str(entry)
+
+
+# ---------------------------------------------------------------- implementations come from the registry
+
+def test_every_family_is_an_implementation_with_a_growing_positive_memory_model():
+    for name, family in FAMILIES.items():
+        assert name in bench.IMPLEMENTATIONS, f"family {name} is not a bench implementation"
+        impl = bench.IMPLEMENTATIONS[name]
+        assert impl.causal == family.causal
+        for causal in family.causal:
+            for backward in (False, True):
+                small, large = (Problem(1, n, 4, 64, causal, backward) for n in (1024, 4096))
+                assert 0 < impl.memory(small, {}) < impl.memory(large, {}), (name, causal, backward)
+                # The family's own model, with the family's default options.
+                assert impl.memory(large, {}) == family.memory(large, family.options), name
+
+
+def _inputs(seq: int = 64, heads: int = 2, dim: int = 8):
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    return [jax.random.normal(k, (1, seq, heads, dim)) for k in keys]
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "linear_chunkwise", "jax"])
+def test_each_implementation_computes_attention(name):
+    impl, (q, k, v) = bench.IMPLEMENTATIONS[name], _inputs()
+    for causal in impl.causal:
+        out = np.asarray(impl.make(causal=causal)(q, k, v))
+        assert out.shape == v.shape and np.isfinite(out).all(), (name, causal)
+        if name in FAMILIES and FAMILIES[name].exact or name == "jax":
+            expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+            np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=f"{name}, causal={causal}")
+
+
+def test_linear_chunkwise_is_the_linear_family_in_chunks():
+    q, k, v = _inputs(seq=300)
+    prefix = bench.IMPLEMENTATIONS["linear"].make(causal=True)(q, k, v)
+    chunked = bench.IMPLEMENTATIONS["linear_chunkwise"].make(causal=True)(q, k, v)
+    np.testing.assert_allclose(chunked, prefix, atol=2e-5, rtol=1e-4)
+    assert bench.IMPLEMENTATIONS["linear_chunkwise"].memory(Problem(1, 4096, 4, 64, causal=True), {}) < \
+        bench.IMPLEMENTATIONS["linear"].memory(Problem(1, 4096, 4, 64, causal=True), {})
+
+
+def test_extra_input_options_reach_the_extra_inputs():
+    # Linformer's proj_k sizes its projections (made by the registry's extra_inputs), not an attention option.
+    q, k, v = _inputs(seq=64)
+    small = bench.IMPLEMENTATIONS["linformer"].make(causal=False, proj_k=4)(q, k, v)
+    full = bench.IMPLEMENTATIONS["linformer"].make(causal=False, proj_k=64)(q, k, v)
+    assert small.shape == full.shape and not np.allclose(small, full)
+    p = Problem(1, 4096, 4, 64)
+    assert bench.IMPLEMENTATIONS["linformer"].memory(p, {"proj_k": 64}) < bench.IMPLEMENTATIONS["linformer"].memory(p, {})
+
+
+# ---------------------------------------------------------------- measurements
 
 def test_tiny_real_measurement_in_a_subprocess():
     m = bench.measure("dense", 256, heads=2, head_dim=16, repeats=2, timeout_s=120)
     assert m.status == "ok", m.message
     assert m.time_s > 0 and len(m.times_s) == 2 and m.gflops > 0
-    assert m.peak_extra_mib >= 0
+    assert m.peak_extra_mib >= 0 and m.memory_method in ("VmHWM", "ru_maxrss")
     text = bench.table([m])
     assert "dense" in text and "1.00x" in text
+
+
+def test_a_point_that_raises_is_failed_with_the_error():
+    m = bench.measure("dense", 64, heads=1, head_dim=8, repeats=1, timeout_s=120, no_such_option=1)
+    assert m.status == "failed" and "TypeError" in m.message and "no_such_option" in m.message
 
 
 def test_absurd_length_is_skipped_with_need_and_available():
@@ -44,13 +138,19 @@ def test_absurd_length_is_skipped_with_need_and_available():
     assert "needs" in m.message and "available" in m.message
 
 
+def test_a_causal_form_the_family_lacks_is_skipped():
+    m = bench.measure("linformer", 64, causal=True)
+    assert m.status == "skipped" and "no causal form" in m.message
+
+
 def test_unknown_implementation_is_a_value_error():
     with pytest.raises(ValueError, match="impl must be one of"):
         bench.measure("no_such_attention", 16)
 
 
 def test_missing_optional_dependency_is_skipped(monkeypatch):
-    fake = bench.Implementation("needs a module that does not exist", bench._make_dense, bench._dense_memory,
+    dense = bench.IMPLEMENTATIONS["dense"]
+    fake = bench.Implementation("needs a module that does not exist", dense.make, dense.memory,
                                 requires=("labkit_module_that_does_not_exist",))
     monkeypatch.setitem(bench.IMPLEMENTATIONS, "fake", fake)
     m = bench.measure("fake", 16)
@@ -78,3 +178,18 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     rows = json.loads(out_json.read_text())
     assert [r["impl"] for r in rows] == ["dense", "memory_efficient"] and all(r["status"] == "ok" for r in rows)
     assert out_png.stat().st_size > 1000
+
+
+def test_cli_rejects_an_unknown_implementation(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--impl", "dense,nope", "--seq", "16"])
+    assert exit_info.value.code == 2 and "unknown --impl nope" in capsys.readouterr().err
+
+
+def test_linformer_checkpoint_table_measures_each_level_in_a_worker():
+    rows = bench.checkpoint_memory_table(("C0", "C2"), batch=1, seq=256, d_model=32, heads=2, head_dim=16,
+                                         proj_k=32, depth=2, timeout_s=300)
+    assert [r["level"] for r in rows] == ["C0", "C2"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["peak_extra_mib"] >= 0 and row["method"] in ("VmHWM", "ru_maxrss") and row["seq"] == 256

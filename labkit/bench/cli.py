@@ -1,0 +1,75 @@
+"""`python -m labkit bench` / `python -m labkit.bench`: sweep, print the table, optionally write JSON and a plot.
+
+    python -m labkit bench --impl dense,memory_efficient --seq 1024,4096 --heads 4 --head-dim 64 \\
+        [--causal] [--backward] [--json out.json] [--plot out.png] [--repeats N] [--option NAME=VALUE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from labkit.bench.implementations import IMPLEMENTATIONS
+from labkit.bench.measuring import sweep
+from labkit.bench.plotting import plot
+from labkit.bench.tables import table
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x.strip()]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise argparse.ArgumentTypeError(f"--option wants NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command's options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m labkit bench",
+        description="Time and peak memory of attention implementations against sequence length, "
+                    "one fresh process per point.")
+    parser.add_argument("--impl", default="dense,memory_efficient",
+                        help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}")
+    parser.add_argument("--seq", type=_int_list, default=[1024, 4096], help="comma-separated sequence lengths")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--backward", action="store_true", help="time forward + gradient w.r.t. q, k, v")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per point")
+    parser.add_argument("--baseline", default="dense", help="implementation the ratios refer to")
+    parser.add_argument("--option", type=_option, action="append", default=[],
+                        help="NAME=VALUE passed to every implementation, e.g. query_chunk_size=512")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--plot", help="write the time/memory plot to this image file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep the arguments describe; 0 unless a point failed (skipped points are not failures)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    impls = [x.strip() for x in args.impl.split(",") if x.strip()]
+    unknown = [x for x in impls if x not in IMPLEMENTATIONS]
+    if unknown:
+        parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
+    results = sweep(impls, args.seq, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                    causal=args.causal, backward=args.backward, repeats=args.repeats, warmup=args.warmup,
+                    timeout_s=args.timeout, **dict(args.option))
+    print(table(results, baseline=args.baseline))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump([m.to_dict() for m in results], out, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 1 if any(m.status == "failed" for m in results) else 0
