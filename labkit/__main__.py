@@ -14,6 +14,7 @@ COMMANDS = {
     "doctor": ("labkit.doctor", "print versions and run a tiny Trax / labkit attention forward pass"),
     "bench": ("labkit.bench", "time and peak memory of attention implementations"),
     "grade": ("labkit.grading.batch", "grade submitted notebooks"),
+    "ring": ("labkit.ring", "ring attention across several processes (jax.distributed), checked against one"),
 }
 
 
