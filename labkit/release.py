@@ -8,6 +8,11 @@ Every master `notebooks/NN_slug.ipynb` becomes `notebooks/student/NN_slug.ipynb`
 * cells tagged `remove-student` are dropped;
 * outputs, execution counts and execution timing metadata are cleared; all other metadata is kept.
 
+Cells tagged `skip-grading` (plots, benchmarks, demonstrations) are kept, tag included, but batch grading
+and the Gradescope autograder do not run them. The release refuses a tag on a cell holding a solution
+region or a check call, and on a cell defining a name that a later untagged cell reads (static analysis,
+`labkit.notebook.skip_conflicts`): skipping must never change what is graded.
+
 The output is deterministic (same master -> byte-identical file), so `--check` can compare the would-be
 content with the file on disk and fail when a student notebook is missing or out of date.
 
@@ -30,8 +35,8 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from labkit.notebook import (BEGIN_MARKER, END_MARKER, MarkerError, check_calls_in, defined_names, is_check_cell,
-                             marker_in)
+from labkit.notebook import (BEGIN_MARKER, END_MARKER, SKIP_GRADING_TAG, MarkerError, check_calls_in, defined_names,
+                             is_check_cell, marker_in, skip_conflicts)
 
 STUB_LINES = ("# YOUR CODE HERE", "raise NotImplementedError()")
 REMOVE_TAG = "remove-student"
@@ -101,8 +106,25 @@ def _check_unique_ids(notebook: NotebookNode, *, name: str) -> None:
         seen.add(cell.id)
 
 
+def check_skip_tags(notebook: NotebookNode, *, name: str) -> None:
+    """Raise ReleaseError where a `skip-grading` cell holds graded code or defines a name a kept cell reads."""
+    sources = [cell.source if cell.cell_type == "code" else "" for cell in notebook.cells]
+    skipped = {index for index, cell in enumerate(notebook.cells)
+               if SKIP_GRADING_TAG in cell.get("metadata", {}).get("tags", [])}
+    for index in sorted(skipped):
+        if BEGIN_MARKER in sources[index] or check_calls_in(sources[index]):
+            raise ReleaseError(f"{name}: cell {index} is tagged {SKIP_GRADING_TAG!r} but holds a solution region "
+                               "or a labkit.check call: grading needs it")
+    conflicts = skip_conflicts(sources, skipped)
+    if conflicts:
+        index, used, provider = conflicts[0]
+        raise ReleaseError(f"{name}: cell {index} reads `{used}`, last defined by cell {provider}, which is tagged "
+                           f"{SKIP_GRADING_TAG!r}: untag that cell, or define `{used}` in an untagged cell")
+
+
 def student_notebook(master: NotebookNode, *, name: str) -> NotebookNode:
     """The student version of `master` (left unchanged); `name` identifies it in error messages."""
+    check_skip_tags(master, name=name)
     student = copy.deepcopy(NotebookNode({key: value for key, value in master.items() if key != "cells"}))
     student.nbformat_minor = max(student.nbformat_minor, 5)  # cell ids are required from 4.5 on
     student.cells = [
@@ -223,9 +245,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Build student notebooks (solutions stripped, outputs cleared) from the solved masters.")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a student notebook is missing or out of date")
-    parser.add_argument("--masters", default="notebooks", type=Path, help="master notebooks (default: notebooks)")
-    parser.add_argument("--out", default="notebooks/student", type=Path,
-                        help="student notebooks (default: notebooks/student)")
+    parser.add_argument("--root", default=Path("."), type=Path,
+                        help="the course folder holding notebooks/ (default: the current directory)")
+    parser.add_argument("--masters", type=Path, help="master notebooks (default: ROOT/notebooks)")
+    parser.add_argument("--out", type=Path, help="student notebooks (default: ROOT/notebooks/student)")
     parser.add_argument("--nbgrader", type=Path, metavar="COURSE_DIR",
                         help="also write nbgrader source notebooks to COURSE_DIR/source/labNN/")
     return parser
@@ -234,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `release`; exit 0 when done / up to date, 1 when `--check` finds stale files, 2 on bad masters."""
     args = _parser().parse_args(argv)
+    args.masters = args.masters or args.root / "notebooks"
+    args.out = args.out or args.root / "notebooks" / "student"
     try:
         changed = release(args.masters, args.out, check=args.check)
         if args.nbgrader is not None:

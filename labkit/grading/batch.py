@@ -46,7 +46,7 @@ from labkit.grading.exercise import Case, Exercise, registry
 from labkit.grading.gradebook import Gradebook, atomic_write_text, content_hash
 from labkit.grading.sandbox.runner import Execution, ExerciseRun, Job, Limits, run_submission
 from labkit.grading.report import CaseResult, Report
-from labkit.notebook import check_calls_in, is_check_cell
+from labkit.notebook import SKIP_GRADING_TAG, check_calls_in, is_check_cell, resolve_skips
 
 STATUSES = ("invalid notebook", "crashed", "timeout", "memory limit", "missing function", "ok")
 GRADER_ERROR = "grader error"
@@ -88,10 +88,22 @@ def check_calls(notebook: nbformat.NotebookNode) -> dict[str, str]:
     return found
 
 
-def cells_to_run(notebook: nbformat.NotebookNode) -> list[tuple[int, str]]:
-    """`(cell number, source)` of the code cells the grader runs: all but empty and check-only cells."""
-    return [(index, cell.source) for index, cell in enumerate(notebook.cells)
-            if cell.cell_type == "code" and cell.source.strip() and not is_check_cell(cell.source)]
+def skippable_cells(notebook: nbformat.NotebookNode) -> dict[str, str]:
+    """Cell id -> source of the lab notebook's cells tagged `skip-grading` (plots, benchmarks, demos)."""
+    return {cell.get("id", ""): cell.source for cell in notebook.cells
+            if cell.cell_type == "code" and SKIP_GRADING_TAG in cell.get("metadata", {}).get("tags", [])}
+
+
+def cells_to_run(notebook: nbformat.NotebookNode, skippable: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """`(cell number, source)` of the code cells the grader runs: all but empty and check-only cells, and
+    but the cells `skippable` names (by id, tagged in the lab's notebook) that the learner left unchanged,
+    unless a cell that runs reads a name one of them defines."""
+    sources = [cell.source if cell.cell_type == "code" else "" for cell in notebook.cells]
+    skip = {index for index, cell in enumerate(notebook.cells)
+            if skippable and cell.cell_type == "code" and skippable.get(cell.get("id", "")) == cell.source}
+    skip = resolve_skips(sources, skip) if skip else skip
+    return [(index, source) for index, source in enumerate(sources)
+            if source.strip() and index not in skip and not is_check_cell(source)]
 
 
 def learner_id(path: Path, notebook: nbformat.NotebookNode | None, lab_stem: str) -> str:
@@ -225,6 +237,8 @@ class Settings:
     lab_stem: str
     limits: Limits
     expected: dict = dataclasses.field(default_factory=dict)  # (exercise id, case index) -> reference output
+    skippable: dict[str, str] | None = None  # the lab's `skip-grading` cells (None: run every cell)
+    sandbox: dict = dataclasses.field(default_factory=dict)  # what the last kernel reported in place
 
 
 def _statuses(execution: Execution, reports: list[Report]) -> tuple[str, list[str]]:
@@ -263,8 +277,6 @@ def _statuses(execution: Execution, reports: list[Report]) -> tuple[str, list[st
             notes.append(f"{report.exercise_id}: MemoryError")
         elif report.note:
             notes.append(f"{report.exercise_id}: {report.note}")
-    if execution.confined is False:
-        notes.append("writes were not confined (no Landlock on this system)")
     status = next(s for s in STATUSES if s in found or s == "ok")
     return status, notes
 
@@ -285,8 +297,9 @@ def grade_submission(submission: Submission, settings: Settings) -> Graded:
         if exercise.id in names:
             jobs.append(Job(exercise.id, names[exercise.id], [case.inputs() for case in exercise.cases],
                             timeouts[exercise.id]))
-    cells = cells_to_run(notebook)
+    cells = cells_to_run(notebook, settings.skippable)
     execution = run_submission(cells, jobs, settings.limits) if cells and jobs else Execution()
+    settings.sandbox.update(execution.sandbox)
     reports = [exercise_report(e, names.get(e.id), execution.exercises.get(e.id) if cells else
                                ExerciseRun(candidate={"defined": False}), timeouts[e.id], settings.expected)
                for e in settings.exercises]
@@ -369,23 +382,54 @@ def parse_memory(text: str) -> int | None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m labkit grade",
-        description="Grade submitted notebooks in isolated kernels; write a gradebook and feedback pages.")
-    parser.add_argument("submissions", nargs="+", metavar="SUBMISSION", help="notebooks, or folders of them")
-    parser.add_argument("--lab", required=True, help="the lab number, e.g. 01")
+        description="Grade submitted notebooks in isolated kernels; write a gradebook and feedback pages. "
+                    "Also: --export gradescope (an autograder zip) and --format canvas|csv (an LMS gradebook).")
+    parser.add_argument("submissions", nargs="*", metavar="SUBMISSION",
+                        help="notebooks, or folders of them (with --format: gradebook CSVs)")
+    parser.add_argument("--lab", help="the lab number, e.g. 01")
     parser.add_argument("--out", default="gradebook.csv", type=Path, help="gradebook CSV (default: gradebook.csv)")
     parser.add_argument("--feedback", type=Path, help="folder for one HTML feedback page per submission")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per notebook (default: 300)")
     parser.add_argument("--cell-timeout", type=float, help="seconds per cell (default: min(120, --timeout))")
     parser.add_argument("--case-timeout", type=float, help="seconds per test case (default: the exercise's)")
     parser.add_argument("--memory", type=parse_memory, default=4 << 30, help="memory limit per kernel (default 4G)")
+    parser.add_argument("--max-processes", type=int, default=512,
+                        help="processes and threads per submission (default: 512)")
     parser.add_argument("--jobs", type=int, default=2, help="submissions graded at the same time (default: 2)")
     parser.add_argument("--notebook", type=Path, help="the lab's notebook whose check cells name the functions "
                                                       "(default: NN_*.ipynb in ./notebooks/student, then "
                                                       "./notebooks; without one, the graded names come from "
                                                       "each submission's own check cells)")
+    parser.add_argument("--all-cells", action="store_true",
+                        help=f"also run the cells the lab tags {SKIP_GRADING_TAG!r} (plots, benchmarks)")
     parser.add_argument("--force", action="store_true", help="grade again even if a submission is unchanged")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--export", choices=["gradescope"], help="write a Gradescope autograder zip for --lab")
+    parser.add_argument("--format", choices=["canvas", "csv"],
+                        help="turn gradebook CSVs (one per lab) into one LMS gradebook: a column per lab")
+    parser.add_argument("--roster", type=Path, help="with --format canvas: a gradebook exported from Canvas, "
+                                                    "for the learners' names, ids and sections")
+    parser.add_argument("-o", "--output", type=Path, help="the file --export / --format writes")
     return parser
+
+
+def sandbox_lines(sandbox: dict) -> list[str]:
+    """One line per isolation mechanism the kernels did not have, with where to read how to get it."""
+    if not sandbox:
+        return []
+    see = " (see the instructor guide, 'What the isolation covers')"
+    lines = []
+    if not sandbox.get("namespaces"):
+        tcp = "TCP connections were refused (Landlock), other traffic was not" if sandbox.get("tcp") else (
+            "learner code could reach the network")
+        lines.append(f"sandbox: no network or PID namespace on this system: {tcp}{see}")
+    if not sandbox.get("writes"):
+        lines.append(f"sandbox: writes were not confined (no Landlock on this system){see}")
+    if not sandbox.get("reads"):
+        lines.append(f"sandbox: reads were not confined: learner code could read other submissions{see}")
+    if not sandbox.get("processes"):
+        lines.append(f"sandbox: processes were not limited (no pids cgroup; RLIMIT_NPROC does not bind root){see}")
+    return lines
 
 
 def _summary(done: list[Graded], skipped: int, exercises: list[Exercise], seconds: float) -> str:
@@ -403,30 +447,27 @@ def _summary(done: list[Graded], skipped: int, exercises: list[Exercise], second
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Grade; exit 0 when every submission got a row, 1 if the grader itself failed on some, 2 on bad usage."""
-    args = _parser().parse_args(argv)
-    lab = f"lab{int(args.lab):02d}" if args.lab.isdigit() else args.lab
+def lab_id(lab: str) -> str:
+    """"01" / "1" / "lab01" -> "lab01"."""
+    return f"lab{int(lab):02d}" if lab.isdigit() else lab
+
+
+def make_settings(lab: str, notebook_path: Path | None, limits: Limits, *, all_cells: bool = False) -> Settings:
+    """The run's settings: the lab's exercises, the names and skippable cells from its notebook.
+
+    Raises ValueError (no exercises for `lab`) or InvalidNotebook / OSError (unreadable lab notebook)."""
     exercises = [e for e in registry().values() if e.lab == lab]
     if not exercises:
-        print(f"grade: no exercises registered for {lab}", file=sys.stderr)
-        return 2
-    notebook_path = lab_notebook(lab[3:] if lab.startswith("lab") else lab, args.notebook)
-    names: dict[str, str] = {}
+        raise ValueError(f"no exercises registered for {lab}")
+    names, skippable = {}, None
     if notebook_path is not None:
-        try:
-            names = check_calls(load_notebook(notebook_path.read_bytes()))
-        except (OSError, InvalidNotebook) as err:
-            print(f"grade: cannot read the lab notebook {notebook_path}: {err}", file=sys.stderr)
-            return 2
-    cell_timeout = args.cell_timeout or min(120.0, args.timeout)
-    settings = Settings(exercises, names, notebook_path.stem if notebook_path else "",
-                        Limits(notebook_timeout=args.timeout, cell_timeout=cell_timeout,
-                               case_timeout=args.case_timeout, memory_bytes=args.memory))
-    paths, problems = find_submissions(args.submissions)
-    for problem in problems:
-        print(f"grade: {problem}", file=sys.stderr)
-    gradebook = Gradebook(args.out, [e.id for e in exercises])
+        notebook = load_notebook(notebook_path.read_bytes())
+        names = check_calls(notebook)
+        skippable = None if all_cells else skippable_cells(notebook)
+    return Settings(exercises, names, notebook_path.stem if notebook_path else "", limits, skippable=skippable)
+
+
+def _read_todo(paths: list[Path], gradebook: Gradebook, force: bool) -> tuple[list[Submission], int]:
     todo, skipped = [], 0
     for path in paths:
         try:
@@ -435,28 +476,75 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grade: cannot read {path}: {err}", file=sys.stderr)
             continue
         submission = Submission(path, data, content_hash(data))
-        if not args.force and gradebook.is_current(path, submission.sha256):
+        if not force and gradebook.is_current(path, submission.sha256):
             skipped += 1
         else:
             todo.append(submission)
-    started = time.monotonic()
-    done: list[Graded] = []
+    return todo, skipped
+
+
+def _grade_all(todo: list[Submission], settings: Settings, gradebook: Gradebook, args) -> list[Graded]:
     from tqdm import tqdm
 
+    done: list[Graded] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool, \
-            tqdm(total=len(todo), desc=f"grading {lab}", unit="nb", disable=args.quiet, file=sys.stderr) as bar:
+            tqdm(total=len(todo), desc=f"grading {settings.exercises[0].lab}", unit="nb", disable=args.quiet,
+                 file=sys.stderr) as bar:
         futures = [pool.submit(_grade_safely, s, settings) for s in todo]
         for future in concurrent.futures.as_completed(futures):
             graded = future.result()
             done.append(graded)
-            gradebook.set(graded.submission.path, graded.row(exercises))
+            gradebook.set(graded.submission.path, graded.row(settings.exercises))
             gradebook.save()
             if args.feedback:
                 atomic_write_text(feedback_path(args.feedback, graded), feedback_html(graded))
             bar.set_postfix_str(f"{graded.learner}: {graded.status}", refresh=False)
             bar.update()
+    return done
+
+
+def _other_modes(args) -> int | None:
+    """`--export gradescope` and `--format canvas|csv`: their exit code, or None for plain grading."""
+    if args.export == "gradescope":
+        from labkit.grading import gradescope
+
+        return gradescope.main_export(args)
+    if args.format:
+        from labkit.grading import lms
+
+        return lms.main_export(args)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Grade; exit 0 when every submission got a row, 1 if the grader itself failed on some, 2 on bad usage."""
+    args = _parser().parse_args(argv)
+    other = _other_modes(args)
+    if other is not None:
+        return other
+    if not args.lab or not args.submissions:
+        print("grade: give SUBMISSION... and --lab", file=sys.stderr)
+        return 2
+    lab = lab_id(args.lab)
+    notebook_path = lab_notebook(lab[3:] if lab.startswith("lab") else lab, args.notebook)
+    limits = Limits(notebook_timeout=args.timeout, cell_timeout=args.cell_timeout or min(120.0, args.timeout),
+                    case_timeout=args.case_timeout, memory_bytes=args.memory, max_processes=args.max_processes)
+    try:
+        settings = make_settings(lab, notebook_path, limits, all_cells=args.all_cells)
+    except (ValueError, OSError) as err:
+        print(f"grade: {err} ({notebook_path})" if notebook_path else f"grade: {err}", file=sys.stderr)
+        return 2
+    paths, problems = find_submissions(args.submissions)
+    for problem in problems:
+        print(f"grade: {problem}", file=sys.stderr)
+    gradebook = Gradebook(args.out, [e.id for e in settings.exercises])
+    todo, skipped = _read_todo(paths, gradebook, args.force)
+    started = time.monotonic()
+    done = _grade_all(todo, settings, gradebook, args)
     if not todo:
         gradebook.save()
-    print(_summary(done, skipped, exercises, time.monotonic() - started))
+    print(_summary(done, skipped, settings.exercises, time.monotonic() - started))
+    for line in sandbox_lines(settings.sandbox):
+        print(line)
     print(f"gradebook: {args.out}" + (f"; feedback: {args.feedback}/" if args.feedback else ""))
     return 1 if any(g.status == GRADER_ERROR for g in done) else 0

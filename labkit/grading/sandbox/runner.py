@@ -1,15 +1,18 @@
 """Run one submitted notebook in a fresh, limited kernel and collect its functions' outputs on given inputs.
 
-`run_submission` starts the learner's kernel with `labkit.grading.sandbox.kernel` (own process group,
-memory limit, writes confined to a scratch directory that is also its working directory and HOME, a
-minimal environment), executes the learner's code cells with nbclient (per-cell time limit, errors
-recorded, not fatal), then for each exercise runs `kernel_side.serve` in that kernel and reads the
+`run_submission` starts the learner's kernel with `labkit.grading.sandbox.kernel` (own process group and
+pids cgroup, memory limit, no network, its own PID namespace, writes confined to a scratch directory that is
+also its working directory and HOME, reads confined to that directory, Python and labkit, a minimal
+environment; it talks to the grader over Unix sockets, since it has no network), executes the learner's
+code cells with nbclient (per-cell time limit, errors recorded, not fatal), then for each exercise runs `kernel_side.serve` in that kernel and reads the
 outputs back. If the kernel dies while running a learner cell (`os._exit`, a crash), a fresh kernel runs
 the notebook again without that cell (and without cells that timed out). A cell that raises MemoryError
 is skipped the same way: IPython keeps the failed frame (and the memory it holds) alive, so the kernel
 would go on failing. If the kernel dies while an exercise is being run, that exercise scores nothing and
 the others are run in a fresh kernel. A watchdog kills the kernel when the notebook's own
-time limit is up. Afterwards every process the kernel started is killed and the scratch directory removed.
+time limit is up. The processes a cell or an exercise started are killed when it ends (a fork bomb, a
+child left in the background); afterwards every process of the submission is killed and the scratch
+directory removed.
 """
 
 from __future__ import annotations
@@ -35,12 +38,22 @@ from nbclient.exceptions import DeadKernelError
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from labkit.grading.sandbox import kernel_side
+from labkit.grading.sandbox import kernel_side, processes
+from labkit.grading.sandbox.kernel import SANDBOX_VARIABLE
 from labkit.grading.safe_call import CallResult
 
 KERNEL_NAME = "labkit-grading"
 MAX_KERNELS = 3  # kernels started per submission: the first run plus two restarts after crashes
 TOKEN_VARIABLE = "LABKIT_GRADING_TOKEN"
+# What a kernel may read besides its scratch directory, Python and labkit: system libraries and the few
+# configuration files libc, TensorFlow and matplotlib open (not all of /etc: as root it holds secrets).
+SYSTEM_READABLE = (
+    "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/dev", "/proc", "/sys",
+    *(f"/etc/{name}" for name in (
+        "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group", "nsswitch.conf",
+        "hosts", "host.conf", "resolv.conf", "gai.conf", "os-release", "mime.types", "ssl", "ca-certificates",
+        "pki", "fonts", "alternatives", "jupyter", "ipython", "matplotlibrc")),
+)
 
 
 @dataclasses.dataclass
@@ -52,6 +65,8 @@ class Limits:
     case_timeout: float | None = None  # default: each exercise's own limit
     memory_bytes: int | None = 4 << 30
     startup_timeout: float = 60.0
+    max_processes: int = 512  # processes and threads of one submission (a Trax kernel uses about 100)
+    confine_reads: bool = True
 
 
 @dataclasses.dataclass
@@ -85,6 +100,7 @@ class Execution:
     notebook_timed_out: bool = False
     kernels_started: int = 0
     confined: bool | None = None  # whether the kernel reported Landlock write confinement
+    sandbox: dict = dataclasses.field(default_factory=dict)  # what the kernel reported in place (kernel.py)
     seconds: float = 0.0
 
 
@@ -110,11 +126,12 @@ class _Client(NotebookClient):
         return await super()._async_handle_timeout(timeout, cell)
 
 
-def minimal_env(scratch: Path, token: str) -> dict[str, str]:
-    """The kernel's whole environment: no instructor variables, HOME and TMPDIR in the scratch directory."""
+def minimal_env(scratch: Path, token: str, python_path: Path | None = None) -> dict[str, str]:
+    """The kernel's whole environment: no instructor variables, HOME and TMPDIR in the scratch directory,
+    labkit importable from `python_path` (default: the folder that holds labkit)."""
     import labkit
 
-    labkit_root = str(Path(labkit.__file__).resolve().parents[1])
+    labkit_root = str(python_path or Path(labkit.__file__).resolve().parents[1])
     return {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
         "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8", "PYTHONPATH": labkit_root,
@@ -124,13 +141,42 @@ def minimal_env(scratch: Path, token: str) -> dict[str, str]:
     }
 
 
-def _write_kernelspec(directory: Path, limits: Limits, scratch: Path) -> None:
+def readable_paths(workdir: Path) -> list[str]:
+    """What a kernel may read: its work directory, the Python installation, labkit, system libraries."""
+    import site
+
+    import labkit
+
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages()}
+    labkit_dir = str(Path(labkit.__file__).resolve().parent)
+    return sorted(python | {labkit_dir, str(workdir)} | set(SYSTEM_READABLE))
+
+
+def _labkit_path(workdir: Path) -> Path:
+    """A folder holding only a link to labkit, for PYTHONPATH: the folder labkit sits in (a checkout,
+    with tests and submissions next to it) stays unreadable."""
+    import labkit
+
+    folder = workdir / "python-path"
+    folder.mkdir()
+    (folder / "labkit").symlink_to(Path(labkit.__file__).resolve().parent, target_is_directory=True)
+    return folder
+
+
+def _write_kernelspec(directory: Path, limits: Limits, workdir: Path, cgroup: Path | None) -> None:
+    scratch = workdir / "scratch"
     argv = [sys.executable, "-m", "labkit.grading.sandbox.kernel", "--memory", str(limits.memory_bytes or 0),
-            "--writable", str(scratch), "-f", "{connection_file}"]
+            "--writable", str(scratch), "--writable", str(workdir / "ipc"),
+            "--max-processes", str(limits.max_processes)]
+    if limits.confine_reads:
+        argv += [item for path in readable_paths(workdir) for item in ("--readable", path)]
+    if cgroup is not None:
+        argv += ["--pids-cgroup", str(cgroup)]
     spec_dir = directory / KERNEL_NAME
     spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(json.dumps(
-        {"argv": argv, "display_name": "labkit grading", "language": "python"}), encoding="utf-8")
+        {"argv": argv + ["-f", "{connection_file}"], "display_name": "labkit grading", "language": "python"}),
+        encoding="utf-8")
 
 
 def _processes_with_token(token: str) -> list[int]:
@@ -189,20 +235,23 @@ def _cell_error(cell: nbformat.NotebookNode) -> str | None:
 class _Kernel:
     """One kernel's lifetime: start, run cells, report death, and be killed for good."""
 
-    def __init__(self, spec_dir: Path, scratch: Path, limits: Limits, token: str):
+    def __init__(self, workdir: Path, limits: Limits, token: str, number: int):
         self.token = token
-        self.km = AsyncKernelManager(kernel_name=KERNEL_NAME,
+        spec_dir, scratch = workdir / "kernels", workdir / "scratch"
+        # Unix sockets, not TCP: the kernel has a network namespace of its own, without the grader in it.
+        self.km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(workdir / "ipc" / f"k{number}"),
                                      kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir)]))
-        self.km.connection_file = str(spec_dir.parent / f"connection-{uuid.uuid4().hex}.json")
+        self.km.connection_file = str(spec_dir / f"connection-{uuid.uuid4().hex}.json")
         self.client = _Client(nbformat.v4.new_notebook(), km=self.km, timeout=int(limits.cell_timeout),
                               startup_timeout=int(limits.startup_timeout), allow_errors=True,
                               interrupt_on_timeout=True, record_timing=False, kernel_name=KERNEL_NAME,
                               error_on_timeout={"ename": "CellTimeout", "evalue": "the cell ran out of time",
                                                 "traceback": []}, log=_LOG)
-        self.scratch, self.env = scratch, minimal_env(scratch, token)
+        self.scratch, self.env = scratch, minimal_env(scratch, token, workdir / "python-path")
         self.pgid: int | None = None
         self.process = None
         self._context = None
+        self.keep: set[int] = set()  # the launcher, the PID namespace's init and the kernel itself
 
     def start(self) -> None:
         self._context = self.client.setup_kernel(cwd=str(self.scratch), env=self.env,
@@ -214,6 +263,30 @@ class _Kernel:
                 self.pgid = os.getpgid(self.process.pid)
             except OSError:
                 self.pgid = None
+
+    def probe(self) -> dict:
+        """What the sandbox put in place (kernel.py's report), and which processes are the kernel's own."""
+        cell = self.run(f'import os as _o; print(_o.environ.get("{SANDBOX_VARIABLE}", "{{}}")); '
+                        'print(_o.readlink("/proc/self"))', -1, 30)
+        lines = "".join(o.get("text", "") for o in cell.get("outputs", [])).splitlines()
+        try:
+            report, kernel_pid = json.loads(lines[0]), int(lines[1])
+        except (IndexError, ValueError):
+            return {}
+        if self.process is not None:
+            self.keep = processes.lineage(kernel_pid, self.process.pid)
+        return report if isinstance(report, dict) else {}
+
+    def stop_children(self) -> None:
+        """Kill what the learner's code started (below the kernel, or orphaned in its namespace)."""
+        if self.process is not None and self.keep:
+            processes.kill_descendants(self.process.pid, self.keep)
+            for pid in _processes_with_token(self.token):
+                if pid not in self.keep:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
 
     def run(self, source: str, index: int, timeout: float) -> nbformat.NotebookNode:
         """Execute `source` as cell `index` with `timeout` seconds; raises DeadKernelError if the kernel dies."""
@@ -270,88 +343,128 @@ def _collect(results: Path, job: Job) -> ExerciseRun:
     return run
 
 
+@dataclasses.dataclass
+class _State:
+    """One submission's run in progress, across the kernels it takes."""
+
+    workdir: Path
+    limits: Limits
+    token: str
+    deadline: float
+    pending: list[tuple[Job, Path, Path]]
+    execution: Execution = dataclasses.field(default_factory=Execution)
+    skip: set[int] = dataclasses.field(default_factory=set)
+
+
+def _run_cells_and_jobs(kernel: _Kernel, state: _State, cells: list[tuple[int, str]], current: list) -> None:
+    """In a started kernel: every learner cell not skipped, then every pending job; `current` says where."""
+    execution, limits = state.execution, state.limits
+    execution.sandbox = kernel.probe()
+    execution.confined = bool(execution.sandbox.get("writes"))
+    for index, source in cells:
+        if index in state.skip:
+            continue
+        current[:] = ["cell", index]
+        cell = kernel.run(source, index, limits.cell_timeout)
+        kernel.stop_children()
+        error = _cell_error(cell)
+        timed_out = index in kernel.client.timed_out_cells
+        if error and not timed_out and index not in dict(execution.cell_errors):
+            execution.cell_errors.append((index, error))
+        if error == "MemoryError" and execution.kernels_started < MAX_KERNELS:
+            state.skip.add(index)
+            raise _FreshKernel
+    for entry in list(state.pending):
+        job, job_file, results = entry
+        current[:] = ["job", job.exercise_id]
+        kernel.run(_harness_source(job_file), -1, len(job.inputs) * job.timeout + limits.cell_timeout)
+        kernel.stop_children()
+        execution.exercises[job.exercise_id] = _collect(results, job)
+        state.pending.remove(entry)
+
+
+def _after_death(state: _State, current: list) -> bool:
+    """Record what the kernel was doing when it died; False if there is no point in another kernel."""
+    execution = state.execution
+    if time.monotonic() >= state.deadline - 0.5:
+        execution.notebook_timed_out = True
+    elif current[0] == "cell":
+        state.skip.add(current[1])
+        execution.crashed_cells.append(current[1])
+    elif current[0] == "job":
+        entry = next(e for e in state.pending if e[0].exercise_id == current[1])
+        run = _collect(entry[2], entry[0])
+        run.crashed = True
+        execution.exercises[current[1]] = run
+        state.pending.remove(entry)
+    else:
+        return False  # the kernel did not even start: retrying would fail the same way
+    return True
+
+
+def _one_kernel(state: _State, cells: list[tuple[int, str]]) -> bool:
+    """Start a kernel and go as far as it lets us; False when no further kernel should be started."""
+    execution = state.execution
+    kernel = _Kernel(state.workdir, state.limits, state.token, execution.kernels_started)
+    timer = threading.Timer(max(state.deadline - time.monotonic(), 0.1),
+                            lambda k=kernel: kill_everything(k.pgid, state.token))
+    timer.daemon = True
+    execution.kernels_started += 1
+    current = ["start", -1]
+    try:
+        timer.start()
+        kernel.start()
+        _run_cells_and_jobs(kernel, state, cells, current)
+    except _FreshKernel:
+        pass
+    except DeadKernelError:
+        return _after_death(state, current)
+    except Exception:  # noqa: BLE001 - nbclient/zmq trouble: stop, the caller reports it
+        if time.monotonic() < state.deadline - 0.5:
+            raise
+        execution.notebook_timed_out = True
+    finally:
+        timer.cancel()
+        execution.timed_out_cells = sorted(set(execution.timed_out_cells) | set(kernel.client.timed_out_cells))
+        state.skip.update(execution.timed_out_cells)  # in a fresh kernel it would only time out again
+        kernel.kill()
+    return True
+
+
+def _make_workdir(limits: Limits, token: str) -> tuple[Path, Path | None]:
+    """The submission's private folder (scratch, kernel spec, sockets, labkit link) and its pids cgroup."""
+    workdir = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
+    os.chmod(workdir, 0o700)
+    for name in ("scratch", "ipc"):
+        (workdir / name).mkdir()
+    _labkit_path(workdir)
+    cgroup = processes.create_pids_cgroup(f"labkit-grade-{token}", limits.max_processes)
+    _write_kernelspec(workdir / "kernels", limits, workdir, cgroup)
+    return workdir, cgroup
+
+
 def run_submission(cells: list[tuple[int, str]], jobs: list[Job], limits: Limits) -> Execution:
     """Run the learner's code cells (`(cell number, source)` in order), then every job.
 
     Learner code cannot make this raise; an error of the grading machinery itself (nbclient, zmq) can.
     """
     started = time.monotonic()
-    deadline = started + limits.notebook_timeout
-    execution = Execution()
     token = uuid.uuid4().hex
-    workdir = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
-    scratch = workdir / "scratch"
-    scratch.mkdir()
-    os.chmod(workdir, 0o700)
-    kernels_dir = workdir / "kernels"
-    _write_kernelspec(kernels_dir, limits, scratch)
-    prepared = _prepare_jobs(scratch, jobs)
-    pending = list(prepared)
-    skip: set[int] = set()
+    workdir, cgroup = _make_workdir(limits, token)
+    state = _State(workdir, limits, token, started + limits.notebook_timeout, [])
     try:
-        while pending and execution.kernels_started < MAX_KERNELS and not execution.notebook_timed_out:
-            kernel = _Kernel(kernels_dir, scratch, limits, token)
-            timer = threading.Timer(max(deadline - time.monotonic(), 0.1),
-                                    lambda k=kernel: kill_everything(k.pgid, token))
-            timer.daemon = True
-            execution.kernels_started += 1
-            current = ("start", -1)
-            try:
-                timer.start()
-                kernel.start()
-                probe = kernel.run('import os as _o; print(_o.environ.get("LABKIT_GRADING_CONFINED", "0"))', -1, 30)
-                execution.confined = "1" in "".join(o.get("text", "") for o in probe.get("outputs", []))
-                for index, source in cells:
-                    if index in skip:
-                        continue
-                    current = ("cell", index)
-                    cell = kernel.run(source, index, limits.cell_timeout)
-                    error = _cell_error(cell)
-                    timed_out = index in kernel.client.timed_out_cells
-                    if error and not timed_out and index not in dict(execution.cell_errors):
-                        execution.cell_errors.append((index, error))
-                    if error == "MemoryError" and execution.kernels_started < MAX_KERNELS:
-                        skip.add(index)
-                        raise _FreshKernel
-                for entry in list(pending):
-                    job, job_file, results = entry
-                    current = ("job", job.exercise_id)
-                    budget = len(job.inputs) * job.timeout + limits.cell_timeout
-                    kernel.run(_harness_source(job_file), -1, budget)
-                    execution.exercises[job.exercise_id] = _collect(results, job)
-                    pending.remove(entry)
-            except _FreshKernel:
-                pass
-            except DeadKernelError:
-                if time.monotonic() >= deadline - 0.5:
-                    execution.notebook_timed_out = True
-                elif current[0] == "cell":
-                    skip.add(current[1])
-                    execution.crashed_cells.append(current[1])
-                elif current[0] == "job":
-                    entry = next(e for e in pending if e[0].exercise_id == current[1])
-                    run = _collect(entry[2], entry[0])
-                    run.crashed = True
-                    execution.exercises[current[1]] = run
-                    pending.remove(entry)
-                else:
-                    break  # the kernel did not even start: retrying would fail the same way
-            except Exception:  # noqa: BLE001 - nbclient/zmq trouble: stop, the caller reports it
-                if time.monotonic() >= deadline - 0.5:
-                    execution.notebook_timed_out = True
-                else:
-                    raise
-            finally:
-                timer.cancel()
-                execution.timed_out_cells = sorted(set(execution.timed_out_cells) | set(kernel.client.timed_out_cells))
-                skip.update(execution.timed_out_cells)  # in a fresh kernel it would only time out again
-                kernel.kill()
-        reason = ("the notebook ran out of time" if execution.notebook_timed_out
+        state.pending = _prepare_jobs(workdir / "scratch", jobs)
+        while (state.pending and state.execution.kernels_started < MAX_KERNELS
+               and not state.execution.notebook_timed_out and _one_kernel(state, cells)):
+            pass
+        reason = ("the notebook ran out of time" if state.execution.notebook_timed_out
                   else "the kernel kept dying before this exercise ran")
-        for job, _, _ in pending:
-            execution.exercises[job.exercise_id] = ExerciseRun(not_run=reason)
+        for job, _, _ in state.pending:
+            state.execution.exercises[job.exercise_id] = ExerciseRun(not_run=reason)
     finally:
         kill_everything(None, token)
+        processes.remove_pids_cgroup(cgroup)
         _remove_tree(workdir)
-    execution.seconds = time.monotonic() - started
-    return execution
+    state.execution.sandbox["cgroup"] = cgroup is not None
+    state.execution.seconds = time.monotonic() - started
+    return state.execution
