@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -82,7 +83,8 @@ def test_the_wheel_is_what_imports_and_it_declares_its_extras(venv_python, outsi
     assert Path(info["worker_path"].split(os.pathsep)[0]).is_relative_to(venv.resolve()), info["worker_path"]
     assert {"grading", "export", "dev"} <= set(info["extras"])
     grading = [r for r in info["requires"] if 'extra == "grading"' in r]
-    assert {r.split(">")[0].split("=")[0] for r in grading} >= {"nbclient", "jupyter_client", "ipykernel"}
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ ;\[]", r)[0]).lower() for r in grading}  # PEP 503 names
+    assert names >= {"nbclient", "jupyter-client", "ipykernel"}
     assert any(r.startswith("jax==") for r in info["requires"]), "the tested versions travel with the wheel"
 
 
