@@ -97,15 +97,20 @@ class Family:
     layer: str | None = None
     layer_options: dict = dataclasses.field(default_factory=dict)
 
+    def inputs(self, prng_key: jax.Array, query, key, value, options: dict) -> tuple[dict, dict]:
+        """`(extra inputs, the other options)`: options `extra_inputs` takes go to it (Linformer's `proj_k`)."""
+        options = {**self.options, **options}
+        if self.extra_inputs is None:
+            return {}, options
+        own = {n for n, p in inspect.signature(self.extra_inputs).parameters.items() if p.kind == p.KEYWORD_ONLY}
+        return self.extra_inputs(prng_key, query, key, value, **{n: options.pop(n) for n in own & set(options)}), \
+            options
+
     def apply(self, query, key, value, bias=None, mask=None, *, is_causal: bool = False,
               prng_key: jax.Array | None = None, **options) -> jnp.ndarray:
         """Call the family on `[batch..., T, N, H]` inputs, filling in its extra inputs and default options."""
         prng_key = jax.random.PRNGKey(0) if prng_key is None else prng_key
-        options = {**self.options, **options}
-        extras = {}
-        if self.extra_inputs is not None:  # options the input maker takes (Linformer's proj_k) go to it
-            own = {n for n, p in inspect.signature(self.extra_inputs).parameters.items() if p.kind == p.KEYWORD_ONLY}
-            extras = self.extra_inputs(prng_key, query, key, value, **{n: options.pop(n) for n in own & set(options)})
+        extras, options = self.inputs(prng_key, query, key, value, options)
         return self.function(query, None if self.shared_qk else key, value, bias, mask, is_causal=is_causal,
                              **{**extras, **options})  # inputs passed explicitly win
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 from typing import Any, Callable
 
@@ -35,30 +34,20 @@ class Implementation:
     causal: tuple[bool, ...] = (False, True)
 
 
-def _extra_input_options(family: Family) -> set[str]:
-    """The keyword options `family.extra_inputs` itself takes (e.g. Linformer's `proj_k`)."""
-    if family.extra_inputs is None:
-        return set()
-    parameters = inspect.signature(family.extra_inputs).parameters.values()
-    return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def _make_family(family: Family, defaults: dict, *, causal: bool, **options) -> Callable:
-    """`fn(query, key, value)` calling `family.apply` with `defaults` updated by `options`."""
+    """`fn(query, key, value)` calling the family with `defaults` updated by `options`."""
     import jax
 
     options = {**defaults, **options}
-    for_inputs = {name: options.pop(name) for name in _extra_input_options(family) & set(options)}
     prng_key = jax.random.PRNGKey(0)
 
     def attend(query, key, value):
-        extras = {}
-        if family.extra_inputs is not None:
-            # They depend on shapes only: computed once while tracing, they are constants of the compiled
-            # program instead of work timed in every call.
-            with jax.ensure_compile_time_eval():
-                extras = family.extra_inputs(prng_key, query, key, value, **for_inputs)
-        return family.apply(query, key, value, is_causal=causal, **{**extras, **options})
+        # Extra inputs depend on shapes only: computed once while tracing, they are constants of the compiled
+        # program instead of work timed in every call.
+        with jax.ensure_compile_time_eval():
+            extras, rest = family.inputs(prng_key, query, key, value, options)
+        return family.function(query, None if family.shared_qk else key, value, is_causal=causal,
+                               **{**extras, **rest})
 
     return attend
 
