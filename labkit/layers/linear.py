@@ -1,0 +1,37 @@
+"""Linear attention as a `tl.SelfAttention`-shaped layer (lab 04)."""
+
+from __future__ import annotations
+
+from labkit.attention.linear import FeatureMap, linear_attention
+from labkit.layers.base import AttentionLayer
+
+
+# ---------------------------------------------------------------- lab 04: linear attention
+
+class LinearSelfAttention(AttentionLayer):
+    """`tl.SelfAttention` whose per-head attention is `labkit.attention.linear.linear_attention`.
+
+    Same constructor arguments and weights as `tl.SelfAttention`, plus `feature_map` ("elu" = elu + 1,
+    "relu", "identity" or a callable) and `eps`. The projections `w_q, w_k, w_v, w_o` (and biases) are used
+    exactly as Trax uses them; only the softmax is replaced by the kernel `phi(q) . phi(k)`, so the outputs
+    are linear attention's, not softmax attention's. `chunk_len`, if given, is the chunk size of the
+    chunkwise causal form (the result does not depend on it; memory does), not a local-attention window.
+
+    Not supported (rejected in the constructor): `share_qk`, `n_chunks_before/after` (local windows), and
+    `mode='predict'` (decode with `labkit.attention.linear.recurrent_step` / `generate` instead).
+    `attention_dropout` is accepted so Trax models can pass it, but has no effect: linear attention never
+    forms the attention matrix it would drop entries from. `output_dropout` works as in Trax.
+    """
+
+    unsupported = ("predict", "share_qk", "n_chunks")
+    predict_hint = "; decode with labkit.attention.linear.recurrent_step or generate"
+
+    def __init__(self, *args, feature_map: FeatureMap = "elu", eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._feature_map = feature_map
+        self._eps = eps
+
+    def attend(self, q, k, v, mask, rng):
+        """Linear attention with the layer's feature map; `chunk_len` is the chunkwise form's chunk."""
+        return linear_attention(q, k, v, None, mask, is_causal=self._causal, feature_map=self._feature_map,
+                                chunk_size=self._chunk_len, eps=self._eps)
