@@ -7,6 +7,8 @@ front of `sys.meta_path` that mutes stderr only while those noisy packages are f
 
 The same hook repairs one side effect: Trax's `jaxboard` switches matplotlib to its non-display Agg backend on
 import, after which Jupyter silently shows no plots. Once it has loaded, the backend Jupyter chose is restored.
+And once `trax.layers` has loaded, labkit's Trax shims are installed (`labkit.compat.install_trax_shims`: `tie_in`
+and the `fastmath.cond` form predict mode needs), so they hold without importing Trax eagerly.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import warnings
 
 _NOISY_PACKAGES = frozenset({"tensorflow", "gym", "tensorflow_text", "tensorflow_datasets"})
 _BACKEND_SWITCHERS = frozenset({"trax.jaxboard"})
+_NEEDS_SHIMS = frozenset({"trax.layers"})
 
 
 @contextlib.contextmanager
@@ -55,6 +58,15 @@ def kept_matplotlib_backend():
         sys.modules["matplotlib"].use(chosen)
 
 
+@contextlib.contextmanager
+def shims_installed_after():
+    """Install labkit's Trax shims once the module being loaded has finished loading."""
+    yield
+    from labkit import compat
+
+    compat.install_trax_shims()
+
+
 class _WrappedLoader(importlib.abc.Loader):
     """Runs the real loader inside a context manager (muted stderr, kept backend)."""
 
@@ -71,8 +83,9 @@ class _WrappedLoader(importlib.abc.Loader):
 
 class _ImportHook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        context = muted_stderr if name in _NOISY_PACKAGES else (
-            kept_matplotlib_backend if name in _BACKEND_SWITCHERS else None)
+        context = (muted_stderr if name in _NOISY_PACKAGES else
+                   kept_matplotlib_backend if name in _BACKEND_SWITCHERS else
+                   shims_installed_after if name in _NEEDS_SHIMS else None)
         if context is None:
             return None
         sys.meta_path.remove(self)  # let the normal finders resolve it

@@ -1,8 +1,18 @@
-"""The one adapter every family's layer uses: Trax's projections, `refuse` for options a family cannot honour."""
+"""The one adapter every family's layer uses: Trax's projections, `refuse` for options a family cannot honour.
+
+Predict mode (Trax's fast decoding: `mode='predict'`, one call per new token, `predict_mem_len` positions of
+input memory kept in the layer's state by Trax) comes in two kinds, chosen by what the family can do:
+
+* a key-value cache (`decodes = "cache"`, exact families): each call attends from the new positions to every
+  position in Trax's memory so far, the way `tl.SelfAttention` decodes; work per token grows with the prefix.
+* a recurrent state (`decodes = "recurrent"`: linear, kernel, LEAP): the layer keeps, per example and head, the
+  fixed-size state its `decode_step` updates, and reads only the new positions from Trax's memory; work and
+  state per token stay constant however long the prefix.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +68,13 @@ class AttentionLayer(tl.SelfAttention):
 
     unsupported: ClassVar[tuple[str, ...]] = ()
     predict_hint: ClassVar[str] = ""
+    decodes: ClassVar[str | None] = None  # "cache" or "recurrent" (see the module docstring); None: no predict
 
     def __init__(self, *args, **kwargs):
         refuse(type(self).__name__, ("predict",) if "predict" in self.unsupported else (),
                mode=kwargs.get("mode", "train"), predict_hint=self.predict_hint)
+        if kwargs.get("mode") == "predict" and not kwargs.get("causal"):  # Trax would only assert it
+            raise ValueError(f"{type(self).__name__}: mode='predict' decodes left to right, so it needs causal=True")
         super().__init__(*args, **kwargs)
         refuse(type(self).__name__, self.unsupported, share_qk=self._share_qk, chunk_len=self._chunk_len,
                n_chunks_before=self._n_chunks_before, n_chunks_after=self._n_chunks_after,
@@ -85,3 +98,58 @@ class AttentionLayer(tl.SelfAttention):
         o = self.attend(q[:, None], k[:, None], v[:, None], key_mask, attend_rng)[:, 0]
         out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
         return out, state
+
+    def init_decoding_state(self) -> Any:
+        """One example's, one head's recurrent state before any token (`decodes = "recurrent"` layers)."""
+        raise NotImplementedError
+
+    def decode_step(self, state, q, k, v) -> tuple[jnp.ndarray, Any]:
+        """One token, one head: `q, k [1, 1, H]`, `v [1, 1, Hv]` -> `(out [1, 1, Hv], state)`."""
+        raise NotImplementedError
+
+    def create_state_unbatched(self, input_signature, rng):
+        """Per example and head: the recurrent state in predict mode, nothing otherwise (as Trax)."""
+        if self._incremental and self.decodes == "recurrent":
+            return self.init_decoding_state()
+        return super().create_state_unbatched(input_signature, rng)
+
+    def _incremental_forward_unbatched(self, x, mask=None, *, q_start, q_len, weights, state, rng, update_state):
+        """Predict mode, one example and head: `x [mem_len, d_model]` is Trax's memory, positions
+        `q_start .. q_start + q_len - 1` are new -> `(out [q_len, d_model], state)`."""
+        if self.decodes is None:  # Trax's own decoding (DotProductSelfAttention: tl.SelfAttention's maths)
+            return super()._incremental_forward_unbatched(x, mask, q_start=q_start, q_len=q_len, weights=weights,
+                                                          state=state, rng=rng, update_state=update_state)
+        del update_state
+        _, output_rng = jax.random.split(rng)
+        if self.decodes == "recurrent":
+            o, state = self._recurrent_decode(jax.lax.dynamic_slice_in_dim(x, q_start, q_len), weights, state)
+        else:
+            o = self._cached_decode(x, mask, q_start, q_len, weights)
+        return apply_broadcasted_dropout(o, self._output_dropout, output_rng), state
+
+    def _recurrent_decode(self, new_x, weights, state):
+        """Feed the new positions `new_x [q_len, d_model]` through `decode_step` one at a time."""
+        q, k, v, w_o = self.project(new_x, weights)
+
+        def one_token(state, qkv):
+            q_t, k_t, v_t = (a[None, None] for a in qkv)  # [dim] -> [T 1, N 1, dim]
+            o_t, state = self.decode_step(state, q_t, k_t, v_t)
+            return state, o_t[0, 0]
+
+        state, o = jax.lax.scan(one_token, state, (q, k, v))
+        return o @ w_o, state
+
+    def _cached_decode(self, x, mask, q_start, q_len, weights):
+        """Attend from the new positions to all of Trax's memory up to them (an exact family's KV cache).
+
+        Calls `attend(..., is_causal=False)` with causality spelled out as a full `[1, q_len, mem_len]` mask,
+        so a `decodes = "cache"` layer's `attend` takes `is_causal` and full masks.
+        """
+        q, k, v, w_o = self.project(x, weights)
+        q_new = jax.lax.dynamic_slice_in_dim(q, q_start, q_len)
+        keep = jnp.arange(x.shape[0])[None, :] <= (q_start + jnp.arange(q_len))[:, None]  # [T q_len, S mem_len]
+        if mask is not None:
+            keep = keep & jnp.asarray(mask, bool)[None, :]
+        # [len, dim] -> [len, N 1, dim]; keep [T, S] -> [N 1, T, S]
+        o = self.attend(q_new[:, None], k[:, None], v[:, None], keep[None], None, is_causal=False)[:, 0]
+        return o @ w_o

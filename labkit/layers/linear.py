@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from labkit.attention.linear import FeatureMap, linear_attention
+import jax
+import jax.numpy as jnp
+
+from labkit.attention.linear import FeatureMap, LinearState, get_feature_map, init_state, linear_attention, recurrent_step
 from labkit.layers.base import AttentionLayer
 
 
@@ -17,14 +20,15 @@ class LinearSelfAttention(AttentionLayer):
     are linear attention's, not softmax attention's. `chunk_len`, if given, is the chunk size of the
     chunkwise causal form (the result does not depend on it; memory does), not a local-attention window.
 
-    Not supported (rejected in the constructor): `share_qk`, `n_chunks_before/after` (local windows), and
-    `mode='predict'` (decode with `labkit.attention.linear.recurrent_step` / `generate` instead).
+    `mode='predict'` (with `causal=True`) decodes with `labkit.attention.linear.recurrent_step`: per example
+    and head a fixed-size state (`phi(k)^T v [H, Hv]` and `sum phi(k) [H]`), constant work per token.
+    Not supported (rejected in the constructor): `share_qk`, `n_chunks_before/after` (local windows).
     `attention_dropout` is accepted so Trax models can pass it, but has no effect: linear attention never
     forms the attention matrix it would drop entries from. `output_dropout` works as in Trax.
     """
 
-    unsupported = ("predict", "share_qk", "n_chunks")
-    predict_hint = "; decode with labkit.attention.linear.recurrent_step or generate"
+    unsupported = ("share_qk", "n_chunks")
+    decodes = "recurrent"
 
     def __init__(self, *args, feature_map: FeatureMap = "elu", eps: float = 1e-6, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,3 +39,15 @@ class LinearSelfAttention(AttentionLayer):
         """Linear attention with the layer's feature map; `chunk_len` is the chunkwise form's chunk."""
         return linear_attention(q, k, v, None, mask, is_causal=self._causal, feature_map=self._feature_map,
                                 chunk_size=self._chunk_len, eps=self._eps)
+
+    def init_decoding_state(self):
+        """Nothing seen yet: zero sums for one example and head, sized by the feature map's output."""
+        features = jax.eval_shape(get_feature_map(self._feature_map), jax.ShapeDtypeStruct((self._d_qk,), jnp.float32))
+        return init_state((), 1, features.shape[-1], self._d_v)
+
+    def decode_step(self, state, q, k, v):
+        """One token through linear attention's recurrence: `q, k [1, 1, H]`, `v [1, 1, Hv]`."""
+        # Trax keeps layer state as plain tuples: LinearState in, tuple out.
+        state, out = recurrent_step(LinearState(*state), q[0], k[0], v[0], feature_map=self._feature_map,
+                                    eps=self._eps)
+        return out[None], tuple(state)

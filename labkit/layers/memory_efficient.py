@@ -17,14 +17,16 @@ class MemoryEfficientSelfAttention(AttentionLayer):
 
     Not supported (rejected in the constructor): `share_qk`, `chunk_len` (local windows: use
     `DotProductSelfAttention`), `attention_dropout > 0` in training (the attention matrix it would drop entries
-    from never exists), and `mode='predict'`. `output_dropout` works as in Trax.
+    from never exists). `output_dropout` works as in Trax. `mode='predict'` (with `causal=True`) decodes from a
+    key-value cache: each new token attends, chunk by chunk, to every earlier position in Trax's memory.
 
     TFLite export (`labkit.export.to_tflite`): build it with `use_reference_code=True` (Trax then loops over
     examples and heads instead of `vmap`, keeping tensors within TFLite's 5 dimensions) and
     `skip_blocks=False` (no conditionals inside loops).
     """
 
-    unsupported = ("predict", "share_qk", "chunk_len", "attention_dropout")
+    unsupported = ("share_qk", "chunk_len", "attention_dropout")
+    decodes = "cache"
 
     def __init__(self, *args, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
                  key_chunk_size: int = DEFAULT_KEY_CHUNK_SIZE, checkpoint: bool = True, skip_blocks: bool = True,
@@ -33,6 +35,7 @@ class MemoryEfficientSelfAttention(AttentionLayer):
         self._chunk_options = dict(query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
                                    checkpoint=checkpoint, skip_blocks=skip_blocks)
 
-    def attend(self, q, k, v, mask, rng):
-        """Exact attention, block by block."""
-        return memory_efficient_attention(q, k, v, None, mask, is_causal=self._causal, **self._chunk_options)
+    def attend(self, q, k, v, mask, rng, *, is_causal: bool | None = None):
+        """Exact attention, block by block; `is_causal` defaults to the layer's `causal`."""
+        is_causal = self._causal if is_causal is None else is_causal
+        return memory_efficient_attention(q, k, v, None, mask, is_causal=is_causal, **self._chunk_options)
