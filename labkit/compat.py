@@ -9,6 +9,9 @@
   that `jax.lax.cond` dropped, so `tl.SelfAttention(mode='predict')` fails with "cond() got an unexpected
   keyword argument 'true_operand'". `trax_cond` accepts both forms; `install_trax_shims()` puts it into Trax's
   JAX backend. `import labkit` arranges for that to happen as soon as Trax is imported (`labkit._quiet`).
+  Predict mode also passes the number of new positions through `fastmath.stop_gradient` and then uses it as a
+  shape; newer `jax.lax.stop_gradient` turns a Python int into an array, which cannot be a shape under `jit`
+  or inside a model's `init` (a `ConcretizationTypeError`), so `trax_stop_gradient` leaves Python numbers be.
 * Trax's fast LSH path fails on numpy inputs (it traces through them); `to_jnp` converts a whole pytree
   of numpy arrays to `jnp` arrays before they reach a Trax layer.
 """
@@ -36,13 +39,20 @@ def trax_cond(pred, *args, true_operand=None, true_fun=None, false_operand=None,
                         (true_operand, false_operand))
 
 
+def trax_stop_gradient(x):
+    """`jax.lax.stop_gradient`, but Python numbers come back as they are (they carry no gradient anyway)."""
+    if isinstance(x, (bool, int, float)):
+        return x
+    return jax.lax.stop_gradient(x)
+
+
 def to_jnp(tree):
     """Return `tree` with every numpy array (and Python scalar leaf) replaced by a `jnp` array."""
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a, tree)
 
 
 def install_trax_shims() -> None:
-    """Make `tie_in` importable from Trax again and Trax's predict mode work (`trax_cond`); idempotent."""
+    """Make `tie_in` importable from Trax again and Trax's predict mode work (cond, stop_gradient); idempotent."""
     import importlib
 
     # By module name, not attribute: this also runs while `trax` itself is still initialising.
@@ -53,6 +63,7 @@ def install_trax_shims() -> None:
         if not hasattr(module, "tie_in"):
             module.tie_in = tie_in
     JAX_BACKEND["cond"] = trax_cond
+    JAX_BACKEND["stop_gradient"] = trax_stop_gradient
 
 
 def use_jax_backend() -> str:

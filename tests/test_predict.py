@@ -8,6 +8,7 @@ labkit` installs once Trax is imported; without it the first test fails as Trax'
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from trax import layers as tl
@@ -34,15 +35,14 @@ def _decoding_layers() -> dict:
 def _fast_and_slow(layer_cls, x, prefix: int, **options):
     """The full causal forward and the same layer decoded in predict mode: `[B, SEQ, D_MODEL]` each.
 
-    Eagerly, as Trax decodes (`trax.supervised.decoding` does not jit: Trax's input memory is indexed by its
-    fill level, which cannot be traced).
+    Jitted, one compilation per input length: with labkit's `stop_gradient` shim Trax's predict path traces.
     """
     slow = layer_cls(mode="eval", **COMMON, **options)
     slow.init(shapes.signature(x), rng=jax.random.PRNGKey(0))
     full = slow(x)
     fast = layer_cls(mode="predict", predict_mem_len=SEQ, predict_drop_len=SEQ, **COMMON, **options)
     fast.init(shapes.signature(x[:, :1]), rng=jax.random.PRNGKey(0))
-    step = fast.pure_fn  # (x, weights, state, rng) -> (out, state)
+    step = jax.jit(fast.pure_fn)  # (x, weights, state, rng) -> (out, state)
     state, rng, pieces = fast.state, jax.random.PRNGKey(1), []
     for start, stop in [(0, prefix)] + [(i, i + 1) for i in range(prefix, SEQ)]:
         out, state = step(x[:, start:stop], slow.weights, state, rng)
@@ -69,6 +69,22 @@ def test_labkit_layer_decodes(name, prefix):
     np.testing.assert_allclose(fast, full, atol=2e-5)
 
 
+def test_a_model_in_predict_mode_inits_and_decodes():
+    """Inside a model, `init` traces the layer (the failure the stop_gradient shim fixes); then decode."""
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, SEQ), 0, 16)
+
+    def model(mode):
+        return tl.Serial(tl.Embedding(16, D_MODEL), labkit.layers.LinearSelfAttention(
+            mode=mode, predict_mem_len=SEQ, predict_drop_len=SEQ, **COMMON))
+
+    slow, fast = model("eval"), model("predict")
+    slow.init(shapes.signature(tokens), rng=jax.random.PRNGKey(0))
+    fast.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
+    fast.weights = slow.weights
+    pieces = [fast(tokens[:, i:i + 1]) for i in range(SEQ)]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), slow(tokens), atol=2e-5)
+
+
 def test_every_exact_or_recurrent_family_can_decode():
     """The families whose layers decode: at least the dense cache, exact chunked and linear attention."""
     assert {"DotProductSelfAttention", "MemoryEfficientSelfAttention", "LinearSelfAttention"} <= set(
@@ -78,12 +94,18 @@ def test_every_exact_or_recurrent_family_can_decode():
 
 def test_shim_is_what_makes_trax_predict_work():
     """Trax's predict mode calls cond with one operand per branch, by keyword: jax.lax.cond refuses that form,
-    the shim `import labkit` installed into Trax's JAX backend takes it and agrees with lax.cond."""
+    the shim `import labkit` installed into Trax's JAX backend takes it and agrees with lax.cond. And it
+    stops gradients on the decoded length, then uses it as a shape: the shim keeps Python ints ints."""
     from trax.fastmath.jax import JAX_BACKEND
 
-    from labkit.compat import trax_cond
+    from labkit.compat import trax_cond, trax_stop_gradient
 
-    assert JAX_BACKEND["cond"] is trax_cond
+    assert JAX_BACKEND["cond"] is trax_cond and JAX_BACKEND["stop_gradient"] is trax_stop_gradient
+    with pytest.raises(jax.errors.ConcretizationTypeError):
+        jax.jit(lambda n: jnp.arange(jax.lax.stop_gradient(4)) * n)(2.0)
+    assert trax_stop_gradient(4) == 4 and jax.jit(lambda n: jnp.arange(trax_stop_gradient(4)) * n)(2.0).shape == (4,)
+    g = jax.grad(lambda x: (trax_stop_gradient(x) * x).sum())(np.float32(3.0))
+    assert float(g) == 3.0  # the stopped factor counts as a constant
     old_form = dict(true_operand=np.float32(3.0), true_fun=lambda a: a * 2, false_operand=np.float32(5.0),
                     false_fun=lambda a: -a)
     with pytest.raises(TypeError, match="true_operand"):
