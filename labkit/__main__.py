@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": ("labkit.bench", "time and peak memory of attention implementations"),
     "grade": ("labkit.grading.batch", "grade submitted notebooks"),
     "ring": ("labkit.ring", "ring attention across several processes (jax.distributed), checked against one"),
+    "capstone": ("labkit.capstone.cli", "lab 08's comparison: every family trained on long-context tasks (--full)"),
 }
 
 
