@@ -367,3 +367,164 @@ def test_layer_windowed_options_and_training_in_a_model():
 
     grads = jax.grad(loss)(model.weights)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+# ---------------------------------------------------------------- streaming: the cache, step by step
+
+STREAMED = ("exp", "expmod", "relu", "elu", "square", "identity")  # every transform with a causal form
+WINDOWS = [dict(), dict(causal_window_length=3), dict(causal_window_length=2, causal_chunk_length=3,
+                                                      causal_window_decay=0.5)]
+
+
+def _stream(q, k, v, steps, mask=None, **opts):
+    """Feed `kernel_attention_step` the sequence in calls of the lengths `steps`; concatenated outputs."""
+    cache = ka.init_kernel_cache(q.shape[:-3], q.shape[-2], q.shape[-1], v.shape[-1],
+                                 num_random_features=opts.get("num_random_features", 256),
+                                 causal_window_length=opts.get("causal_window_length"))
+    outs, start = [], 0
+    for n in steps:
+        part = slice(start, start + n)
+        cache, out = ka.kernel_attention_step(cache, q[..., part, :, :], k[..., part, :, :], v[..., part, :, :],
+                                              None if mask is None else mask[..., part], **opts)
+        outs.append(out)
+        start += n
+    return jnp.concatenate(outs, axis=-3)
+
+
+@pytest.mark.parametrize("transform", STREAMED)
+def test_step_by_step_equals_the_parallel_causal_form(transform):
+    q, k, v = _qkv(20, (2, 12, 2, 8), dv=5)
+    for opts in WINDOWS:
+        chunk = opts.get("causal_chunk_length", 1)
+        opts = dict(opts, feature_transform=transform, num_random_features=16, prng_key=jax.random.PRNGKey(5))
+        # eps=0: the exp forms' shifts (running maximum here, whole-sequence one there) then cancel exactly
+        want = ka.kernel_attention(q, k, v, is_causal=True, eps=0.0, **opts)
+        got = _stream(q, k, v, [chunk] * (12 // chunk), eps=0.0, **opts)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=str(opts))
+    if transform == "exp":  # with eps, the two shifts give eps different weights: equal to its order
+        plain = dict(feature_transform=transform, num_random_features=16)
+        np.testing.assert_allclose(_stream(q, k, v, [1] * 12, **plain),
+                                   ka.kernel_attention(q, k, v, is_causal=True, **plain), rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_and_padding_masks():
+    q, k, v = _qkv(21, (2, 10, 2, 8))
+    opts = dict(num_random_features=16, eps=0.0)
+    want = ka.kernel_attention(q, k, v, is_causal=True, **opts)
+    np.testing.assert_allclose(_stream(q, k, v, [6, 1, 3], **opts), want, rtol=2e-4, atol=2e-5)
+    win = dict(opts, causal_chunk_length=3, causal_window_length=2, causal_window_decay=0.7)
+    for padding, front, back in (("left", 2, 0), ("right", 0, 2)):  # 10 tokens in chunks of 3: 2 pad positions
+        want = ka.kernel_attention(q, k, v, is_causal=True, causal_padding=padding, **win)
+        padded = [np.pad(a, [(0, 0), (front, back), (0, 0), (0, 0)], constant_values=7.0) for a in (q, k, v)]
+        real = np.pad(np.ones(10, bool), (front, back))
+        got = _stream(*padded, [6, 6], mask=real, **win)  # two chunks per call
+        np.testing.assert_allclose(got[:, front:front + 10], want, rtol=2e-4, atol=2e-5, err_msg=padding)
+
+
+def test_generate_decodes_with_the_shared_scan():
+    q, k, v = (jnp.asarray(a) for a in _qkv(22, (2, 9, 2, 8)))
+    opts = dict(num_random_features=16, causal_window_length=4)
+    cache = ka.init_kernel_cache((2,), 2, 8, 8, **opts)
+    _, steps, outs = jax.jit(lambda c: ka.generate(lambda t: (q[:, t], k[:, t], v[:, t]), lambda t, o: t + 1,
+                                                   jnp.int32(0), 9, c, **opts))(cache)
+    np.testing.assert_array_equal(steps, np.arange(9))
+    np.testing.assert_allclose(jnp.moveaxis(outs, 0, 1), ka.kernel_attention(q, k, v, is_causal=True, **opts),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_step_refuses_what_has_no_streaming_form():
+    q, k, v = _qkv(23, (1, 4, 1, 4))
+    cache = ka.init_kernel_cache((1,), 1, 4, 4, num_random_features=8)
+    with pytest.raises(ValueError, match="expplus"):
+        ka.kernel_attention_step(cache, q, k, v, feature_transform="expplus", num_random_features=8)
+    with pytest.raises(ValueError, match="whole chunks"):
+        ka.kernel_attention_step(ka.init_kernel_cache((1,), 1, 4, 4, num_random_features=8, causal_window_length=2),
+                                 q[:, :2], k[:, :2], v[:, :2], num_random_features=8, causal_chunk_length=3,
+                                 causal_window_length=2)
+    with pytest.raises(ValueError, match="cache.kv"):
+        ka.kernel_attention_step(cache, q, k, v, num_random_features=16)
+    for bad in (dict(is_short_seq=True), dict(begin_kernel=2), dict(scale_by_length=True)):
+        with pytest.raises(ValueError):
+            ka.check_streamable("exp", **bad)
+
+
+def test_hidden_keys_have_no_say_in_the_exp_shift():
+    q, k, v = _qkv(24, (1, 8, 2, 8))
+    mask = np.ones((1, 1, 1, 8), bool)
+    mask[..., 2] = False
+    k2 = k.copy()
+    k2[:, 2] = 60.0  # an expmod exponent of hundreds: shifting by it would underflow every real key
+    for transform in ("exp", "expmod"):
+        opts = dict(feature_transform=transform, num_random_features=16)
+        want = quadratic(*_features(q[:, [0, 1, 3, 4, 5, 6, 7]], k[:, [0, 1, 3, 4, 5, 6, 7]], transform, 16),
+                         v[:, [0, 1, 3, 4, 5, 6, 7]])
+        got = ka.kernel_attention(q[:, [0, 1, 3, 4, 5, 6, 7]], k2, v, mask=mask, **opts)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=transform)
+
+
+# ---------------------------------------------------------------- Model Garden's call form
+
+def test_cross_attention_call_form_key_defaults_to_value():
+    q, _, _ = _qkv(25, (2, 5, 2, 8))
+    k, v, _ = _qkv(26, (2, 11, 2, 8))
+    opts = dict(num_random_features=16, prng_key=jax.random.PRNGKey(2))
+    np.testing.assert_allclose(ka.kernel_cross_attention(q, v, **opts),
+                               quadratic(*_features(q, v, "exp", 16, key=2), v), rtol=2e-4, atol=2e-5)
+    attention_mask = np.ones((2, 11), np.int32)  # tfm's [B, S], 1 = attend
+    attention_mask[1, 7:] = 0
+    weights = np.broadcast_to(attention_mask[:, None, None, :], (2, 2, 5, 11))
+    np.testing.assert_allclose(ka.kernel_cross_attention(q, v, k, attention_mask, **opts),
+                               quadratic(*_features(q, k, "exp", 16, key=2), v, weights), rtol=2e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------- the layer: predict mode and the mask path
+
+@pytest.mark.parametrize("kw,calls", [(dict(), (3, 1, 1, 1)),
+                                      (dict(use_causal_windowed=True, causal_window_decay=0.5, n_parallel_heads=1),
+                                       (1,) * 6)], ids=["plain-prefill", "windowed-one-head-at-a-time"])
+def test_layer_predict_mode_token_by_token_equals_the_full_causal_output(kw, calls):
+    """The logic of Trax's own `_test_fast_inference` (efficient_attention_test.py), on this layer."""
+    from trax import shapes
+
+    from labkit.layers import KernelSelfAttention
+
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 6, 13), dtype=jnp.float32)
+    common = dict(n_heads=3, d_qk=7, d_v=5, causal=True, num_random_features=16, **kw)
+    ref = KernelSelfAttention(mode="eval", **common)
+    weights, state = ref.init(shapes.signature(x))
+    want, _ = jax.jit(ref.pure_fn)(x, weights, state, jax.random.PRNGKey(0))
+    layer = KernelSelfAttention(mode="predict", **common)
+    cur = layer.init(shapes.signature(x[:, :1]))[1]
+    step, outs, start = jax.jit(layer.pure_fn), [], 0
+    for n in calls:
+        out, cur = step(x[:, start:start + n], weights, cur, jax.random.PRNGKey(0))
+        outs.append(out)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, rtol=1e-3, atol=1e-3)
+    for bad in (dict(causal=False), dict(feature_transform="expplus"), dict(is_short_seq=True)):
+        with pytest.raises(ValueError):
+            KernelSelfAttention(mode="predict", **{**common, **bad})
+
+
+def test_layer_mask_padding_changes_no_real_output():
+    from trax import shapes
+
+    from labkit.layers import KernelSelfAttention
+
+    r = np.random.default_rng(30)
+    x = r.normal(size=(2, 9, 16)).astype(np.float32)
+    mask = np.ones((2, 9), bool)
+    mask[1, 6:] = False  # example 1: 6 real tokens, 3 of padding
+    x2 = x.copy()
+    x2[1, 6:] = r.normal(size=(3, 16)) * 20.0  # whatever padding holds
+    for transform in ("exp", "expmod"):
+        layer = KernelSelfAttention(n_heads=2, d_qk=8, d_v=8, masked=True, num_random_features=16,
+                                    feature_transform=transform)
+        layer.init(shapes.signature((jnp.asarray(x), jnp.asarray(mask))), rng=jax.random.PRNGKey(1))
+        a, b = (layer.pure_fn((jnp.asarray(xx), jnp.asarray(mask)), layer.weights, layer.state,
+                              jax.random.PRNGKey(0))[0] for xx in (x, x2))
+        np.testing.assert_allclose(a[1, :6], b[1, :6], rtol=1e-5, atol=1e-6)
+        w_q, w_k, w_v, w_o = layer.weights
+        q, k, v = (jnp.einsum("tm,nmh->tnh", x[1, :6], w) for w in (w_q, w_k, w_v))  # the unpadded sequence
+        heads = ka.kernel_attention(q, k, v, num_random_features=16, feature_transform=transform)
+        np.testing.assert_allclose(a[1, :6], jnp.einsum("tnh,nhm->tm", heads, w_o), rtol=1e-4, atol=1e-5)

@@ -25,6 +25,21 @@ prefix-sum or chunkwise scan; `causal_window_length=W` is Model Garden's windowe
 sequence is cut into chunks of `causal_chunk_length`, tokens attend bidirectionally inside their chunk and to
 the `W - 1` previous chunks, older chunks optionally decayed by `causal_window_decay ** distance`.
 
+Streaming (decoding): `init_kernel_cache` + `kernel_attention_step` carry the causal form's running sums
+`sum_j phi(k_j) [v_j, 1]` (`KernelCache`: one `[M, Hv + 1]` sum per head, or the W - 1 previous chunks' sums
+for the windowed form), so each new token costs O(M Hv) whatever the prefix; `generate` decodes with
+`labkit.attention.decoding.decode`. Step by step it equals `kernel_attention(..., is_causal=True)` (exp transforms: up to `eps`'s
+share, see `kernel_attention_step`).
+
+Model Garden's names -> labkit's: `call(query, value, key=None, attention_mask=None, cache=None,
+training=False)` -> `kernel_cross_attention(query, value, key=None, attention_mask=None, **options)` (the
+same order, `key=None` meaning `key = value`) or `kernel_attention(query, key, value, mask=...)`;
+`attention_mask [B, S]` -> `mask [B, 1, 1, S]` (True = attend); `cache` -> `kernel_attention_step(cache, ...)`;
+`training` + `redraw` -> a new `prng_key` per call; `seed` -> `prng_key=PRNGKey(seed)`; the constructor's
+options keep their names (`is_short_seq`, `begin_kernel`, `causal_*`; `use_causal_windowed=True` is
+`causal_window_length` given with `is_causal=True`). Arrays are per head, `[B, T, N, H]`: the layer's input
+and output projections live in `labkit.layers.KernelSelfAttention`.
+
 Cost per head with `m` features: features O(T M H); non-causal and chunkwise causal O(T M Hv) time and
 O(T M + M Hv) memory (prefix-sum causal: O(T M Hv) memory; windowed: O(T/C M Hv)). `is_short_seq` and
 `begin_kernel` build a `[T, S]` matrix: O(T S) memory, as dense attention.
@@ -45,6 +60,10 @@ Differences from Model Garden's KernelAttention (deliberate, each a bug or a num
   `T` rows, which returns padded rows and drops real ones). `causal_padding=None` needs a length that the chunk
   divides, as there (ValueError otherwise).
 - Plain causal attention (`is_causal=True` without a window) is not in Model Garden; it is lab 04's.
+- Streaming: Model Garden's cache exists only for the windowed form and decays the whole history
+  (`kv = decay kv + new`; it keeps no queue of chunks to drop), so its streaming outputs differ from its own
+  windowed form; its exp shift is recomputed per call, so cached sums carry different shifts. Here the
+  cache keeps the W - 1 previous chunks (the same window as the parallel form) and one running shift.
 
 Differences from Trax's `tl.Favor` / `tl.CausalFavor` (`trax.layers.research.sparsity`): their default
 (`use_approximate_softmax=False`, the only option of `CausalFavor`) is the deterministic map `relu(x) + 1e-3`
@@ -57,12 +76,13 @@ shifts queries by their row maximum of `w . x` only, and draws its projection fr
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from labkit.attention._validate import check_qkv, default_scale, key_padding_mask, reject_bias
+from labkit.attention.decoding import decode
 from labkit.attention.dense import dot_product_attention
 from labkit.attention.linear import linear_attention
 
@@ -110,10 +130,12 @@ def positive_random_features(x, projection) -> jnp.ndarray:
 
 def _shift(z: jnp.ndarray, is_query: bool) -> jnp.ndarray:
     """Stabilising shift of an exponent `[batch..., L, N, M]`: per query row, or one per (example, head) for
-    keys (a key shift must be shared by all keys to cancel). Stop-gradient: it cancels in the output."""
+    keys (a key shift must be shared by all keys to cancel; hidden keys hold -inf, and 0 stands in when all
+    are hidden). Stop-gradient: it cancels in the output."""
     if is_query:
         return jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    return jax.lax.stop_gradient(jnp.max(z, axis=(-3, -1), keepdims=True))
+    shift = jnp.max(z, axis=(-3, -1), keepdims=True)
+    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
 
 
 def _expplus_features(x, other, projection, is_query: bool) -> jnp.ndarray:
@@ -136,30 +158,51 @@ def _expplus_features(x, other, projection, is_query: bool) -> jnp.ndarray:
     return jnp.exp(log_d) * feats / math.sqrt(projection.shape[0])
 
 
+def _project(x, projection) -> tuple[jnp.ndarray, float]:
+    """`(W x [..., M], sqrt(m))`, or `(x, 1)` without a projection."""
+    if projection is None:
+        return x, 1.0
+    return jnp.einsum("...d,md->...m", x, projection), math.sqrt(projection.shape[0])
+
+
+def _exponent(x, projection, name: str) -> tuple[jnp.ndarray, float]:
+    """The exponent of the `exp`/`expmod` features `[..., M]` before any shift, and their normaliser `sqrt(m)`."""
+    z, norm = _project(x, projection)
+    return (z - 0.5 * jnp.sum(x * x, -1, keepdims=True) if name == "exp" else z), norm
+
+
 def kernel_features(x, projection: Optional[jnp.ndarray], feature_transform: Optional[str], *,
-                    is_query: bool, other=None) -> jnp.ndarray:
+                    is_query: bool, other=None, key_shift=None, key_keep=None) -> jnp.ndarray:
     """Features of (already scaled) `x [batch..., L, N, H]` -> `[batch..., L, N, M]` (`m = d` without projection).
 
     `other` (the keys for queries and vice versa) is needed by `expplus` only. Exponential transforms are
-    shifted for stability: query rows by their own maximum, keys by one constant per example and head.
+    shifted for stability: query rows by their own maximum, keys by one constant per example and head, the
+    maximum over the kept keys (`key_shift [batch..., 1, N, 1]` when given: the streaming cache's running one).
+    `key_keep [batch..., L, N, 1]` (bool, keys only): hidden keys get zero features and no say in the shift.
     """
     name = "identity" if feature_transform is None else feature_transform
     if name not in FEATURE_TRANSFORMS:
         raise ValueError(f"feature_transform must be one of {FEATURE_TRANSFORMS} or None, got {feature_transform!r}")
     x = jnp.asarray(x, jnp.float32)
+    if name in ("exp", "expmod"):
+        exponent, norm = _exponent(x, projection, name)
+        if key_keep is not None:  # -inf: exactly zero features, whatever a hidden key holds (no inf * 0)
+            exponent = jnp.where(key_keep, exponent, -jnp.inf)
+        shift = _shift(exponent, is_query) if key_shift is None else key_shift
+        # expmod: exp(-sqrt(d)/2) replaces exp(-|x|^2/2); a constant, it cancels in the normalisation
+        const = 1.0 if name == "exp" else math.exp(-0.5 * math.sqrt(x.shape[-1]))
+        return jnp.exp(exponent - shift) * const / norm
+    features = _plain_features(x, other, projection, name, is_query)
+    return features if key_keep is None else features * key_keep
+
+
+def _plain_features(x, other, projection, name: str, is_query: bool) -> jnp.ndarray:
+    """The transforms without a shift: `expplus`, `relu`, `elu`, `square`, `identity`."""
     if name == "expplus":
         if projection is None:  # Model Garden: nothing to randomise, the data passes through
             return x
         return _expplus_features(x, jnp.asarray(other, jnp.float32), projection, is_query)
-    if projection is None:
-        z, norm = x, 1.0
-    else:
-        z, norm = jnp.einsum("...d,md->...m", x, projection), math.sqrt(projection.shape[0])
-    if name == "exp":
-        exponent = z - 0.5 * jnp.sum(x * x, -1, keepdims=True)
-        return jnp.exp(exponent - _shift(exponent, is_query)) / norm
-    if name == "expmod":  # exp(-sqrt(d)/2) is a constant: it cancels in the normalisation
-        return jnp.exp(z - _shift(z, is_query)) * math.exp(-0.5 * math.sqrt(x.shape[-1])) / norm
+    z, norm = _project(x, projection)
     if name == "relu":
         return (jax.nn.relu(z) + _RELU_EPS) / norm
     if name == "elu":
@@ -292,15 +335,14 @@ def kernel_attention(query, key, value, bias=None, mask=None, *, is_causal: bool
         root = jnp.sqrt(scale)
         qs, ks = q32 * root, k32 * root
         phi_q = kernel_features(qs, projection, feature_transform, is_query=True, other=ks)
-        phi_k = kernel_features(ks, projection, feature_transform, is_query=False, other=qs)
+        phi_k = kernel_features(ks, projection, feature_transform, is_query=False, other=qs,
+                                key_keep=None if keep is None else jnp.swapaxes(keep[..., 0, :], -1, -2)[..., None])
         if causal_window_length is not None:
-            if keep is not None:
-                phi_k = phi_k * jnp.swapaxes(keep[..., 0, :], -1, -2)[..., None]
             out = windowed_causal_linear(phi_q, phi_k, v32, chunk_length=causal_chunk_length or 1,
                                          window_length=causal_window_length, window_decay=causal_window_decay,
                                          padding=causal_padding, eps=eps)
         else:
-            out = linear_attention(phi_q, phi_k, v32, mask=keep, is_causal=is_causal, scale=1.0,
+            out = linear_attention(phi_q, phi_k, v32, is_causal=is_causal, scale=1.0,
                                    feature_map="identity", chunk_size=causal_chunk_length, eps=eps)
     if begin_kernel > 0:
         n_soft = min(begin_kernel, query.shape[-3])
@@ -352,3 +394,184 @@ def _causal_prefix_mask(keep, n_rows: int, s: int, is_causal: bool):
     tri = jnp.tril(jnp.ones((n_rows, s), bool))
     return tri if keep is None else jnp.logical_and(keep, tri)
 
+
+
+# ---------------------------------------------------------------- streaming: the cache and one step
+
+class KernelCache(NamedTuple):
+    """What causal kernel attention keeps of the past, in feature space: O(C N M Hv) numbers at any length.
+
+    kv: `[batch..., C, N, M, Hv + 1]`, sums `sum_j phi(k_j) [v_j, 1]` (last column: the normaliser's
+      `sum_j phi(k_j)`). Plain causal: C = 1, one sum over the whole prefix. Windowed: C = W - 1, the sums of
+      the W - 1 previous chunks, oldest first (none for W = 1).
+    shift: `[batch..., N]`, the exponent subtracted from every key feature in `kv` (`exp`, `expmod`): the
+      running maximum, -inf before the first key; the sums are rescaled when it grows. Unused otherwise.
+    """
+
+    kv: jnp.ndarray
+    shift: jnp.ndarray
+
+
+def init_kernel_cache(batch_shape: tuple, num_heads: int, head_dim: int, value_dim: int, *,
+                      num_random_features: int = 256, projection=None,
+                      causal_window_length: Optional[int] = None) -> KernelCache:
+    """The empty cache for `kernel_attention_step`, for the same options `kernel_attention` is called with."""
+    if projection is not None:
+        num_features = jnp.shape(projection)[0]
+    else:
+        num_features = num_random_features if num_random_features > 0 else head_dim
+    if causal_window_length is not None and (not isinstance(causal_window_length, int) or causal_window_length < 1):
+        raise ValueError(f"causal_window_length must be a positive int, got {causal_window_length!r}")
+    slots = 1 if causal_window_length is None else causal_window_length - 1
+    batch_shape = tuple(batch_shape)
+    return KernelCache(jnp.zeros(batch_shape + (slots, num_heads, num_features, value_dim + 1), jnp.float32),
+                       jnp.full(batch_shape + (num_heads,), -jnp.inf, jnp.float32))
+
+
+def check_streamable(feature_transform: Optional[str], *, is_short_seq: bool = False, begin_kernel: int = 0,
+                     scale_by_length: bool = False) -> None:
+    """ValueError for options whose causal form needs more than a constant-size feature-space cache."""
+    if feature_transform == "expplus":
+        raise ValueError("feature_transform='expplus' has no streaming form: its coefficients are statistics of "
+                         "all queries and keys, later ones included (as in Model Garden); use 'exp'")
+    if is_short_seq:
+        raise ValueError("is_short_seq softmaxes over every past key: it needs all keys (a KV cache), not "
+                         "kernel attention's cache")
+    if begin_kernel:
+        raise ValueError("begin_kernel gives its first queries exact softmax attention over every past key: no "
+                         "streaming form (Model Garden refuses a cache with begin_kernel too)")
+    if scale_by_length:
+        raise ValueError("scale_by_length scales by the length of the whole sequence, unknown while streaming")
+
+
+def kernel_attention_step(cache: KernelCache, query, key, value, mask=None, *, scale: Optional[float] = None,
+                          feature_transform: Optional[str] = "exp", num_random_features: int = 256, prng_key=None,
+                          projection=None, causal_chunk_length: Optional[int] = None,
+                          causal_window_length: Optional[int] = None, causal_window_decay: Optional[float] = None,
+                          eps: float = 1e-6) -> tuple[KernelCache, jnp.ndarray]:
+    """`L` new positions `[batch..., L, N, H]` x2, `[batch..., L, N, Hv]` -> `(cache, out [batch..., L, N, Hv])`.
+
+    Causal kernel attention continued from `cache` (`init_kernel_cache`): the same outputs as
+    `kernel_attention(..., is_causal=True)` on the whole sequence with the same options (and `prng_key`).
+    Plain causal: any `L` (1 to decode, a prompt to prefill); O(L M Hv + L^2 M) work. Windowed
+    (`causal_window_length`): a token sees the later tokens of its chunk, so calls bring whole chunks (`L` a
+    multiple of `causal_chunk_length`, default 1); `mask` False marks padding (`causal_padding`'s zero features:
+    mask the front of the first chunk for "left", the end of the last for "right"). `mask` broadcasts to
+    `[batch..., N, 1, L]`. The exp shift is the running maximum (the parallel form's: the whole sequence's),
+    and `eps` is added after it: with `eps=0` the two forms agree to rounding, with `eps` up to its share.
+    Pass `projection=random_projection(key, M, H)` to skip redrawing it at each step. Refused: `expplus`,
+    `is_short_seq`, `begin_kernel`, `scale_by_length` (`check_streamable`: no constant-size cache exists).
+    """
+    query, key, value = check_qkv(query, key, value)
+    check_streamable(feature_transform)
+    length, chunk = query.shape[-3], causal_chunk_length or 1
+    if key.shape[-3] != length:
+        raise ValueError(f"a step takes as many new keys as queries; got query {query.shape}, key {key.shape}")
+    if causal_window_length is not None and length % chunk:
+        raise ValueError(f"the windowed form streams whole chunks: {length} new positions is not a multiple of "
+                         f"causal_chunk_length={chunk} (mask the padding instead)")
+    keep = key_padding_mask(mask, key.shape, "kernel_attention_step")
+    projection = _projection(projection, num_random_features, prng_key, query.shape[-1])
+    _check_cache(cache, key.shape, value.shape, query.shape[-1] if projection is None else projection.shape[0],
+                 causal_window_length)
+    root = jnp.sqrt(jnp.float32(default_scale(scale, query.shape[-1])))
+    qs, ks = query.astype(jnp.float32) * root, key.astype(jnp.float32) * root
+    phi_q = kernel_features(qs, projection, feature_transform, is_query=True)
+    keep = None if keep is None else jnp.swapaxes(keep[..., 0, :], -1, -2)[..., None]  # [batch..., L, N, 1]
+    phi_k, cache = _streamed_key_features(cache, ks, keep, projection, feature_transform)
+    v1 = jnp.concatenate([value.astype(jnp.float32), jnp.ones(value.shape[:-1] + (1,), jnp.float32)], -1)
+    if causal_window_length is None:
+        kv, summed = _causal_block(cache.kv[..., 0, :, :, :], phi_q, phi_k, v1)
+        kv = kv[..., None, :, :, :]
+    else:
+        kv, summed = _windowed_chunks(cache.kv, phi_q, phi_k, v1, chunk, causal_window_decay)
+    out = summed[..., :-1] / (summed[..., -1:] + eps)
+    return KernelCache(kv, cache.shift), out.astype(value.dtype)
+
+
+def _check_cache(cache: KernelCache, key_shape: tuple, value_shape: tuple, num_features: int,
+                 window_length: Optional[int]) -> None:
+    """ValueError unless `cache` was made by `init_kernel_cache` for these inputs and options."""
+    slots = 1 if window_length is None else window_length - 1
+    want = key_shape[:-3] + (slots, key_shape[-2], num_features, value_shape[-1] + 1)
+    if tuple(cache.kv.shape) != want or tuple(cache.shift.shape) != key_shape[:-3] + (key_shape[-2],):
+        raise ValueError(f"cache.kv {cache.kv.shape} / cache.shift {cache.shift.shape} do not fit these inputs: "
+                         f"expected {want} / {key_shape[:-3] + (key_shape[-2],)} (init_kernel_cache with the same "
+                         "num_random_features and causal_window_length)")
+
+
+def _streamed_key_features(cache: KernelCache, ks, keep, projection, name) -> tuple[jnp.ndarray, KernelCache]:
+    """Key features `[batch..., L, N, M]` on the cache's shift; for exp transforms the running maximum grows
+    to cover the new kept keys and the stored sums are rescaled to it (as online softmax rescales its sums)."""
+    if name not in ("exp", "expmod"):
+        return kernel_features(ks, projection, name, is_query=False, key_keep=keep), cache
+    exponent, _ = _exponent(ks, projection, name)
+    if keep is not None:
+        exponent = jnp.where(keep, exponent, -jnp.inf)
+    shift = jnp.maximum(cache.shift, jax.lax.stop_gradient(jnp.max(exponent, axis=(-3, -1))))
+    finite = jnp.where(jnp.isfinite(shift), shift, 0.0)  # -inf until a kept key arrives
+    rescale = jnp.exp(cache.shift - finite)[..., None, :, None, None]
+    features = kernel_features(ks, projection, name, is_query=False, key_shift=finite[..., None, :, None],
+                               key_keep=keep)
+    return features, KernelCache(cache.kv * rescale, shift)
+
+
+def _causal_block(kv, phi_q, phi_k, v1) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Plain causal: the prefix sum `kv [batch..., N, M, Hv + 1]` read by `L` queries, plus the block's own
+    causal part as a small `[L, L]` masked product; returns the new prefix sum and `[batch..., L, N, Hv + 1]`."""
+    length = phi_q.shape[-3]
+    scores = jnp.einsum("...lnm,...jnm->...nlj", phi_q, phi_k) * jnp.tril(jnp.ones((length, length), jnp.float32))
+    summed = jnp.einsum("...lnm,...nmv->...lnv", phi_q, kv) + jnp.einsum("...nlj,...jnv->...lnv", scores, v1)
+    return kv + jnp.einsum("...jnm,...jnv->...nmv", phi_k, v1), summed
+
+
+def _windowed_chunks(kv, phi_q, phi_k, v1, chunk: int, decay: Optional[float]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Windowed causal, one chunk after the other (`lax.scan`): each chunk reads its own sum plus the stored
+    `kv [batch..., W - 1, N, M, Hv + 1]` chunk sums, chunk `c - i` weighted `decay ** i`, then joins them."""
+    decay = 1.0 if decay is None else float(decay)
+    slots = kv.shape[-4]
+    weights = (decay ** jnp.arange(slots, 0, -1, dtype=jnp.float32))[:, None, None, None]  # oldest slot first
+    n_chunks = phi_q.shape[-3] // chunk
+
+    def chunks(a):  # [batch..., n_chunks * C, N, x] -> [n_chunks, batch..., C, N, x]
+        return jnp.moveaxis(a.reshape(a.shape[:-3] + (n_chunks, chunk) + a.shape[-2:]), -4, 0)
+
+    def one(past, qkv):
+        q, k, v = qkv
+        own = jnp.einsum("...cnm,...cnv->...nmv", k, v)
+        summed = jnp.einsum("...cnm,...nmv->...cnv", q, own + jnp.sum(past * weights, axis=-4))
+        return jnp.concatenate([past, own[..., None, :, :, :]], axis=-4)[..., 1:, :, :, :], summed
+
+    kv, summed = jax.lax.scan(one, kv, (chunks(phi_q), chunks(phi_k), chunks(v1)))
+    summed = jnp.moveaxis(summed, 0, -4)
+    return kv, summed.reshape(summed.shape[:-4] + (n_chunks * chunk,) + summed.shape[-2:])
+
+
+def generate(project: Callable, readout: Callable, first_input, num_steps: int, cache: KernelCache, **options):
+    """Decode token by token with `lax.scan` (`labkit.attention.decoding.decode`): memory does not grow.
+
+    `project: x_t -> (query_t, key_t, value_t)`, each `[batch..., N, *]` (one token, no length axis);
+    `readout: (x_t, out_t) -> x_{t+1}`; `options` as for `kernel_attention_step` (windowed: chunks of 1).
+    Returns `(final_cache, inputs, outputs [num_steps, batch..., N, Hv])`, as `labkit.attention.linear.generate`.
+    """
+    def step(c, query_t, key_t, value_t):
+        c, out = kernel_attention_step(c, query_t[..., None, :, :], key_t[..., None, :, :],
+                                       value_t[..., None, :, :], **options)
+        return c, out[..., 0, :, :]
+
+    return decode(step, project, readout, first_input, num_steps, cache)
+
+
+# ---------------------------------------------------------------- Model Garden's call form
+
+def kernel_cross_attention(query, value, key=None, attention_mask=None, **options) -> jnp.ndarray:
+    """Model Garden's `KernelAttention.call(query, value, key=None, attention_mask=None)` order, per head.
+
+    `query [batch..., T, N, H]`, `value [batch..., S, N, Hv]`, `key [batch..., S, N, H]` (None: `key = value`,
+    Model Garden's "most common case"; then H == Hv), `attention_mask [batch..., S]` (True or 1 = attend; keys
+    only, as there). `options`: `kernel_attention`'s (`is_causal`, `feature_transform`, `prng_key`, ...).
+    Returns `[batch..., T, N, Hv]`. T and S may differ (cross-attention) unless `is_causal`.
+    """
+    key = value if key is None else key
+    mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)[..., None, None, :]
+    return kernel_attention(query, key, value, None, mask, **options)
