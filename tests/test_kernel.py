@@ -479,11 +479,11 @@ def test_cross_attention_call_form_key_defaults_to_value():
 
 # ---------------------------------------------------------------- the layer: predict mode and the mask path
 
-@pytest.mark.parametrize("kw,calls", [(dict(), (3, 1, 1, 1)),
-                                      (dict(use_causal_windowed=True, causal_window_decay=0.5, n_parallel_heads=1),
-                                       (1,) * 6)], ids=["plain-prefill", "windowed-one-head-at-a-time"])
+@pytest.mark.parametrize("kw,calls", [(dict(use_causal_windowed=True, causal_window_decay=0.5, n_parallel_heads=1),
+                                       (1,) * 6)], ids=["windowed-one-head-at-a-time"])
 def test_layer_predict_mode_token_by_token_equals_the_full_causal_output(kw, calls):
-    """The logic of Trax's own `_test_fast_inference` (efficient_attention_test.py), on this layer."""
+    """The logic of Trax's own `_test_fast_inference` (efficient_attention_test.py), on this layer's windowed
+    form; the plain form with a prompt is decoded with every other decoding layer in tests/test_predict.py."""
     from trax import shapes
 
     from labkit.layers import KernelSelfAttention

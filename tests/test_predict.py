@@ -28,7 +28,9 @@ def _decoding_layers() -> dict:
         layer = getattr(labkit.layers, family.layer, None) if family.layer else None
         if layer is not None and getattr(layer, "decodes", None):
             options = {k: v for k, v in family.layer_options.items() if k not in ("chunk_len", "n_chunks_before")}
-            found[family.layer] = (layer, options)
+            # Kernel attention's exp features shift by the largest logit seen: so far when decoding, over the
+            # whole sequence in parallel, which agree to ~1e-4 through `eps` (tests/test_kernel.py: to 1e-7).
+            found[family.layer] = (layer, options, 2e-5 if family.name != "kernel" else 1e-3)
     return found
 
 
@@ -64,9 +66,9 @@ def test_trax_self_attention_decodes(options):
 @pytest.mark.parametrize("prefix", [1, 3])
 @pytest.mark.parametrize("name", sorted(_decoding_layers()))
 def test_labkit_layer_decodes(name, prefix):
-    layer, options = _decoding_layers()[name]
+    layer, options, atol = _decoding_layers()[name]
     full, fast = _fast_and_slow(layer, _inputs(), prefix=prefix, **options)
-    np.testing.assert_allclose(fast, full, atol=2e-5)
+    np.testing.assert_allclose(fast, full, atol=atol)
 
 
 def test_a_model_in_predict_mode_inits_and_decodes():

@@ -5,9 +5,11 @@ input memory kept in the layer's state by Trax) comes in two kinds, chosen by wh
 
 * a key-value cache (`decodes = "cache"`, exact families): each call attends from the new positions to every
   position in Trax's memory so far, the way `tl.SelfAttention` decodes; work per token grows with the prefix.
-* a recurrent state (`decodes = "recurrent"`: linear, kernel, LEAP): the layer keeps, per example and head, the
-  fixed-size state its `decode_step` updates, and reads only the new positions from Trax's memory; work and
-  state per token stay constant however long the prefix.
+* a recurrent state (`decodes = "recurrent"`: linear, kernel): the layer keeps, per example and head, the
+  fixed-size state its `decode_step` updates, and no memory of past inputs at all. Such a layer is built by
+  Trax as an 'eval' layer (so Trax allocates no input memory and needs no `predict_mem_len`), then marked
+  'predict': `forward_unbatched` continues the state with the positions of each call. Work and state per token
+  stay constant however long the prefix.
 """
 
 from __future__ import annotations
@@ -73,9 +75,15 @@ class AttentionLayer(tl.SelfAttention):
     def __init__(self, *args, **kwargs):
         refuse(type(self).__name__, ("predict",) if "predict" in self.unsupported else (),
                mode=kwargs.get("mode", "train"), predict_hint=self.predict_hint)
-        if kwargs.get("mode") == "predict" and not kwargs.get("causal"):  # Trax would only assert it
+        predict = kwargs.get("mode") == "predict"
+        if predict and not kwargs.get("causal"):  # Trax would only assert it
             raise ValueError(f"{type(self).__name__}: mode='predict' decodes left to right, so it needs causal=True")
+        recurrent = predict and self.decodes == "recurrent"
+        if recurrent:
+            kwargs["mode"] = "eval"  # no Trax input memory (see the module docstring); marked 'predict' below
         super().__init__(*args, **kwargs)
+        if recurrent:
+            self._mode = "predict"
         refuse(type(self).__name__, self.unsupported, share_qk=self._share_qk, chunk_len=self._chunk_len,
                n_chunks_before=self._n_chunks_before, n_chunks_after=self._n_chunks_after,
                attention_dropout=self._attention_dropout, causal=self._causal)
@@ -89,55 +97,51 @@ class AttentionLayer(tl.SelfAttention):
         raise NotImplementedError
 
     def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`."""
+        """One example, one head: `x [T, d_model]`, `mask [T] | None` -> `(out [T, d_model], state)`.
+
+        When decoding recurrently, the T positions continue `state` (no dropout: predict mode is inference).
+        """
         del update_state
         attend_rng, output_rng = jax.random.split(rng)  # Trax's split, so dropout masks agree
         q, k, v, w_o = self.project(x, weights)
         key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [T] -> [N 1, 1, S]
         # [T, dim] -> [T, 1, dim]: the attention functions take a heads axis.
+        if self._decodes_recurrently:
+            o, state = self.decode_step(state, q[:, None], k[:, None], v[:, None], key_mask)
+            return o[:, 0] @ w_o, state
         o = self.attend(q[:, None], k[:, None], v[:, None], key_mask, attend_rng)[:, 0]
         out = apply_broadcasted_dropout(o @ w_o, self._output_dropout, output_rng)
         return out, state
 
-    def init_decoding_state(self) -> Any:
-        """One example's, one head's recurrent state before any token (`decodes = "recurrent"` layers)."""
+    def init_decoding_state(self) -> tuple:
+        """One example's, one head's recurrent state before any token, as a tuple (`decodes = "recurrent"`)."""
         raise NotImplementedError
 
-    def decode_step(self, state, q, k, v) -> tuple[jnp.ndarray, Any]:
-        """One token, one head: `q, k [1, 1, H]`, `v [1, 1, Hv]` -> `(out [1, 1, Hv], state)`."""
+    def decode_step(self, state: tuple, q, k, v, mask) -> tuple[jnp.ndarray, tuple]:
+        """Continue `state` with L new positions: `q, k [L, 1, H]`, `v [L, 1, Hv]`, `mask [1, 1, L] | None`
+        -> `(out [L, 1, Hv], state)` (`decodes = "recurrent"` layers)."""
         raise NotImplementedError
+
+    @property
+    def _decodes_recurrently(self) -> bool:
+        return self.decodes == "recurrent" and self._mode == "predict"
 
     def create_state_unbatched(self, input_signature, rng):
-        """Per example and head: the recurrent state in predict mode, nothing otherwise (as Trax)."""
-        if self._incremental and self.decodes == "recurrent":
+        """Per example and head: the recurrent state when decoding recurrently, nothing otherwise (as Trax)."""
+        if self._decodes_recurrently:
             return self.init_decoding_state()
         return super().create_state_unbatched(input_signature, rng)
 
     def _incremental_forward_unbatched(self, x, mask=None, *, q_start, q_len, weights, state, rng, update_state):
-        """Predict mode, one example and head: `x [mem_len, d_model]` is Trax's memory, positions
-        `q_start .. q_start + q_len - 1` are new -> `(out [q_len, d_model], state)`."""
+        """Predict mode with Trax's input memory (`decodes = "cache"`): `x [mem_len, d_model]`, positions
+        `q_start .. q_start + q_len - 1` new -> `(out [q_len, d_model], state)`."""
         if self.decodes is None:  # Trax's own decoding (DotProductSelfAttention: tl.SelfAttention's maths)
             return super()._incremental_forward_unbatched(x, mask, q_start=q_start, q_len=q_len, weights=weights,
                                                           state=state, rng=rng, update_state=update_state)
         del update_state
         _, output_rng = jax.random.split(rng)
-        if self.decodes == "recurrent":
-            o, state = self._recurrent_decode(jax.lax.dynamic_slice_in_dim(x, q_start, q_len), weights, state)
-        else:
-            o = self._cached_decode(x, mask, q_start, q_len, weights)
+        o = self._cached_decode(x, mask, q_start, q_len, weights)
         return apply_broadcasted_dropout(o, self._output_dropout, output_rng), state
-
-    def _recurrent_decode(self, new_x, weights, state):
-        """Feed the new positions `new_x [q_len, d_model]` through `decode_step` one at a time."""
-        q, k, v, w_o = self.project(new_x, weights)
-
-        def one_token(state, qkv):
-            q_t, k_t, v_t = (a[None, None] for a in qkv)  # [dim] -> [T 1, N 1, dim]
-            o_t, state = self.decode_step(state, q_t, k_t, v_t)
-            return state, o_t[0, 0]
-
-        state, o = jax.lax.scan(one_token, state, (q, k, v))
-        return o @ w_o, state
 
     def _cached_decode(self, x, mask, q_start, q_len, weights):
         """Attend from the new positions to all of Trax's memory up to them (an exact family's KV cache).

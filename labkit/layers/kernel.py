@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from labkit.attention.kernel import (KernelCache, check_streamable, init_kernel_cache, kernel_attention,
                                      kernel_attention_step)
@@ -35,28 +34,20 @@ class KernelSelfAttention(AttentionLayer):
     """
 
     unsupported = ("share_qk", "n_chunks")
+    decodes = "recurrent"
 
     def __init__(self, *args, feature_transform="exp", num_random_features: int = 256, seed: int = 0,
                  redraw: bool = False, is_short_seq: bool = False, begin_kernel: int = 0, scale=None,
                  scale_by_length: bool = False, use_causal_windowed: bool = False, causal_chunk_length: int = 1,
                  causal_window_length: int = 3, causal_window_decay=None, causal_padding=None, **kwargs):
-        predict = kwargs.get("mode") == "predict"
-        if predict:
-            # Trax's predict machinery keeps a window of past *inputs* and recomputes attention over it; this
-            # layer keeps its feature-space sums in its state instead. Built as 'eval' (no dropout, no input
-            # memory), then marked 'predict'.
-            kwargs["mode"] = "eval"
         super().__init__(*args, **kwargs)
         if use_causal_windowed and not self._causal:
             raise ValueError("use_causal_windowed=True needs causal=True")
         if redraw and num_random_features <= 0:
             raise ValueError("there is nothing to redraw when num_random_features <= 0")
-        if predict:
-            if not self._causal:
-                raise ValueError("KernelSelfAttention: mode='predict' needs causal=True (as tl.SelfAttention)")
+        if self._mode == "predict":
             check_streamable(feature_transform, is_short_seq=is_short_seq, begin_kernel=begin_kernel,
                              scale_by_length=scale_by_length)
-            self._mode = "predict"
         self._redraw, self._fixed_key = redraw, jax.random.PRNGKey(seed)
         self._stream_options = dict(
             feature_transform=feature_transform, num_random_features=num_random_features, scale=scale,
@@ -71,21 +62,14 @@ class KernelSelfAttention(AttentionLayer):
         key = rng if self._redraw and self._mode == "train" else self._fixed_key
         return kernel_attention(q, k, v, None, mask, is_causal=self._causal, prng_key=key, **self._kernel_options)
 
-    def create_state_unbatched(self, input_signature, rng):
-        """Mode 'predict': one (example, head)'s empty `KernelCache` as a plain tuple (Trax stacks tuples)."""
-        if self._mode != "predict":
-            return ()
+    def init_decoding_state(self):
+        """One (example, head)'s empty `KernelCache`, as a plain tuple (Trax stacks tuples)."""
         return tuple(init_kernel_cache((), 1, self._d_qk, self._d_v,
                                        num_random_features=self._stream_options["num_random_features"],
                                        causal_window_length=self._stream_options["causal_window_length"]))
 
-    def forward_unbatched(self, x, mask=None, *, weights, state, rng, update_state):
-        """`x [L, d_model]` -> `(out [L, d_model], state)`; in 'predict' the L new positions continue `state`."""
-        if self._mode != "predict":
-            return super().forward_unbatched(x, mask, weights=weights, state=state, rng=rng,
-                                             update_state=update_state)
-        q, k, v, w_o = self.project(x, weights)
-        key_mask = None if mask is None else jnp.asarray(mask, bool)[None, None, :]  # [L] -> [N 1, 1, L]
-        cache, o = kernel_attention_step(KernelCache(*state), q[:, None], k[:, None], v[:, None], key_mask,
-                                         prng_key=self._fixed_key, **self._stream_options)
-        return o[:, 0] @ w_o, tuple(cache)
+    def decode_step(self, state, q, k, v, mask):
+        """The new positions continue the feature-space sums (`labkit.attention.kernel.kernel_attention_step`)."""
+        cache, o = kernel_attention_step(KernelCache(*state), q, k, v, mask, prng_key=self._fixed_key,
+                                         **self._stream_options)
+        return o, tuple(cache)

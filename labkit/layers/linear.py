@@ -43,11 +43,17 @@ class LinearSelfAttention(AttentionLayer):
     def init_decoding_state(self):
         """Nothing seen yet: zero sums for one example and head, sized by the feature map's output."""
         features = jax.eval_shape(get_feature_map(self._feature_map), jax.ShapeDtypeStruct((self._d_qk,), jnp.float32))
-        return init_state((), 1, features.shape[-1], self._d_v)
+        return tuple(init_state((), 1, features.shape[-1], self._d_v))
 
-    def decode_step(self, state, q, k, v):
-        """One token through linear attention's recurrence: `q, k [1, 1, H]`, `v [1, 1, Hv]`."""
-        # Trax keeps layer state as plain tuples: LinearState in, tuple out.
-        state, out = recurrent_step(LinearState(*state), q[0], k[0], v[0], feature_map=self._feature_map,
-                                    eps=self._eps)
-        return out[None], tuple(state)
+    def decode_step(self, state, q, k, v, mask):
+        """The new positions `q, k [L, 1, H]`, `v [L, 1, Hv]` through linear attention's recurrence, in order;
+        a hidden position (mask False) leaves the state as it was."""
+        keep = jnp.ones(q.shape[0], bool) if mask is None else mask[0, 0]
+
+        def one_token(state, inputs):
+            q_t, k_t, v_t, keep_t = inputs
+            new, out = recurrent_step(state, q_t, k_t, v_t, feature_map=self._feature_map, eps=self._eps)
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(keep_t, a, b), new, state), out
+
+        state, out = jax.lax.scan(one_token, LinearState(*state), (q, k, v, keep))  # Trax keeps plain tuples
+        return out, tuple(state)
