@@ -23,13 +23,16 @@ formed. This module makes them stable where the original is not:
 
 Options: `rescale` normalises q, f, k, v over the head dimension (zero mean, unit std) and uses the scale
 `rescale / d` ("strong scaling" in the original); `mask` hides padding (hidden positions get no focus;
-a position whose whole window is hidden outputs 0); `alibi` adds `slope * j` to the focus logits, which is
-exactly ALiBi's linear distance penalty `-slope (t - j)` because the `t` part cancels in the softmax.
+a position whose whole window is hidden outputs 0); `position_embedding` is "none", "rotary" (q, f, k rotated
+by their absolute positions after `rescale`: `f_j . k_j` is unchanged, the gate `q_t . K~_t` sees only
+position differences) or "alibi" (`slope * j` added to the focus logits, which is exactly ALiBi's distance
+penalty `-slope (t - j)` because the `t` part cancels in the softmax; causal only).
 
 Forms: `leap_attention(..., is_causal=True)` (parallel, causal), `leap_step` / `generate` (recurrent, O(1)
 state: four running sums for global LEAP, a ring buffer of the last `w` logits, keys and values for windowed
-LEAP), `leap_attention(..., is_causal=False)` (encoder: one causal pass each way), `leap_explain` (the `[T, T]` weights
-`sigmoid(.) e^{a_j} / sum e^{a}` with which each output mixes the values: out = explain @ v exactly).
+LEAP, plus the absolute position that rotary and ALiBi need), `leap_attention(..., is_causal=False)` (encoder: one causal pass each way), `leap_explain` (the `[T, T]` weights
+`sigmoid(.) e^{a_j} / sum e^{a}` with which each output mixes the values: out = explain @ v exactly),
+`leap_logits` (the focus and gate logits themselves, e.g. to watch them grow during training).
 
 Cost per head: O(T H) time and memory (the associative scans add a log T factor of parallel depth, not of
 memory), O(1) path length between any two positions in global LEAP; decoding costs O(H) per token
@@ -46,6 +49,7 @@ import jax.numpy as jnp
 
 from labkit.attention._validate import as_float_array, default_scale, key_padding_mask, reject_bias
 from labkit.attention.decoding import decode
+from labkit.attention.positional import position_options, rotary
 
 NEG_INF = -jnp.inf
 
@@ -179,6 +183,13 @@ def _prepare(query, focus, key, value, rescale, scale):
     return q, f, k, v, default_scale(scale, d)
 
 
+def _rotate(rotate: bool, q, f, k, positions=None):
+    """Rotary embedding of q, f, k `[batch..., T, N, H]` at `positions [T]` (default 0..T-1), if `rotate`."""
+    if not rotate:
+        return q, f, k
+    return tuple(rotary(a, positions) for a in (q, f, k))
+
+
 def _check(query, focus, key, value):
     """Arrays `[batch..., T, N, H]` (value `[..., Hv]`) of one shape, else a ValueError naming them."""
     arrays = [as_float_array(n, a) for n, a in (("query", query), ("focus", focus), ("key", key), ("value", value))]
@@ -224,7 +235,8 @@ def _flat(a: jnp.ndarray, trailing: int = 3) -> jnp.ndarray:
 
 def leap_attention(query, key, value, bias=None, mask=None, *, focus, is_causal: bool = False,
                    scale: float | None = None, window: int | None = None, rescale: float | None = None,
-                   alibi=None, recompute_grad: bool = True, combine: str = "mean") -> jnp.ndarray:
+                   position_embedding: str = "none", alibi=None, recompute_grad: bool = True,
+                   combine: str = "mean") -> jnp.ndarray:
     """LEAP `[batch..., T, N, Hv]` from query/focus/key `[batch..., T, N, H]`, value `[batch..., T, N, Hv]`.
 
     Args:
@@ -238,7 +250,10 @@ def leap_attention(query, key, value, bias=None, mask=None, *, focus, is_causal:
       scale: logit scale; default 1/sqrt(H) (or rescale / H with `rescale`).
       window: attend to the last `window` positions (including the current one); None = the whole prefix.
       rescale: None, or a constant c: standardise q, f, k, v over the head axis and use scale c / H.
-      alibi: optional per-head slopes `[N]` (>= 0 favours recent positions): logits `+ slope * j`.
+      position_embedding: "none", "rotary" (rotate q, f, k by positions 0..T-1) or "alibi" (focus logits
+        `+ slope * j`, causal only).
+      alibi: optional custom ALiBi slopes `[N]` (>= 0 favours recent positions; default `alibi_slopes(N)`);
+        passing them alone selects "alibi".
       recompute_grad: use the constant-memory custom gradient (True) or differentiate the scans (False).
       combine: encoder form only: "mean" of the two passes, or "concat" (`[batch..., T, N, 2 Hv]`, forward
         first).
@@ -247,14 +262,17 @@ def leap_attention(query, key, value, bias=None, mask=None, *, focus, is_causal:
       `[batch..., T, N, Hv]` in `value`'s dtype, computed in at least float32.
     """
     reject_bias(bias, "LEAP")
-    kw = dict(window=window, rescale=rescale, scale=scale, alibi=alibi, recompute_grad=recompute_grad)
+    query, focus, key, value = _check(query, focus, key, value)
+    rotate, slopes = position_options(position_embedding, alibi, query.shape[-2])
+    kw = dict(window=window, rescale=rescale, scale=scale, rotate=rotate, slopes=slopes,
+              recompute_grad=recompute_grad)
     if is_causal:
         return _causal_leap(query, focus, key, value, mask=mask, **kw)
     if combine not in ("mean", "concat"):
         raise ValueError(f"combine must be 'mean' or 'concat', got {combine!r}")
-    if alibi is not None:
+    if slopes is not None:
         raise ValueError("alibi favours recent positions, which has no meaning for the encoder form "
-                         "(is_causal=False): pass alibi=None")
+                         "(is_causal=False): use position_embedding='none' or 'rotary'")
     fwd = _causal_leap(query, focus, key, value, mask=mask, **kw)
     flip = lambda a: jnp.flip(jnp.asarray(a), -3)
     rev_mask = None if mask is None else jnp.flip(jnp.asarray(mask), -1)
@@ -262,31 +280,34 @@ def leap_attention(query, key, value, bias=None, mask=None, *, focus, is_causal:
     return (fwd + bwd) / 2 if combine == "mean" else jnp.concatenate([fwd, bwd], -1)
 
 
-def _causal_leap(query, focus, key, value, *, mask, window, rescale, scale, alibi, recompute_grad):
-    """Decoder LEAP: the parallel (scan) form of the recurrence."""
-    query, focus, key, value = _check(query, focus, key, value)
+def _causal_leap(query, focus, key, value, *, mask, window, rescale, scale, rotate, slopes, recompute_grad):
+    """Decoder LEAP on checked arrays: the parallel (scan) form of the recurrence."""
     window = _check_window(window, query.shape[-3])
     q, f, k, v, s = _prepare(query, focus, key, value, rescale, scale)
-    logits = focus_logits(f, k, scale=s, mask=_positions_mask(mask, query.shape), alibi=alibi)
+    q, f, k = _rotate(rotate, q, f, k)
+    logits = focus_logits(f, k, scale=s, mask=_positions_mask(mask, query.shape), alibi=slopes)
     out = _run_core(_flat(logits, 2), _flat(q), _flat(k), _flat(v), float(s), window, bool(recompute_grad))
     return out.reshape(value.shape).astype(value.dtype)
 
 
 def leap_explain(query, key, value=None, *, focus, window: int | None = None, rescale: float | None = None,
-                 mask=None, scale: float | None = None, alibi=None) -> jnp.ndarray:
+                 mask=None, scale: float | None = None, position_embedding: str = "none",
+                 alibi=None) -> jnp.ndarray:
     """Explanation weights `[batch..., N, T, T]`: row t says how much of each `v_j` output t used.
 
     `E[t, j] = sigmoid(s q_t . K~_t) * e^{a_j} / sum_{i in W(t)} e^{a_i}` for j in t's window, else 0, so
     `leap_attention(..., is_causal=True) == einsum("...ntj,...jnv->...tnv", E, value)` exactly (with `rescale`, of the
     standardised values). Forms the `[T, T]` matrix: for inspection and plots, not for long sequences.
-    `value` is only needed for its shape checks and may be None.
+    `value` is only needed for its shape checks and may be None. `position_embedding` as in `leap_attention`.
     """
     value = key if value is None else value
     query, focus, key, value = _check(query, focus, key, value)
+    rotate, slopes = position_options(position_embedding, alibi, query.shape[-2])
     t = query.shape[-3]
     window = _check_window(window, t)
     q, f, k, v, s = _prepare(query, focus, key, value, rescale, scale)
-    logits = focus_logits(f, k, scale=s, mask=_positions_mask(mask, query.shape), alibi=alibi)
+    q, f, k = _rotate(rotate, q, f, k)
+    logits = focus_logits(f, k, scale=s, mask=_positions_mask(mask, query.shape), alibi=slopes)
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     visible = (j <= i) & ((i - j < window) if window else True)
     scores = jnp.where(visible, jnp.swapaxes(logits, -1, -2)[..., None, :], NEG_INF)  # [batch..., N, T, T]
@@ -297,6 +318,34 @@ def leap_explain(query, key, value=None, *, focus, window: int | None = None, re
     k_avg = jnp.einsum("...ntj,...jnd->...tnd", probs, k)
     gate = jax.nn.sigmoid(s * jnp.einsum("...tnd,...tnd->...nt", q, k_avg))
     return gate[..., None] * probs
+
+
+def leap_logits(query, key, value=None, *, focus, window: int | None = None, rescale: float | None = None,
+                mask=None, scale: float | None = None, position_embedding: str = "none",
+                alibi=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Causal LEAP's raw logits `(focus [batch..., T, N], gate [batch..., T, N])`, for measuring them.
+
+    `focus` logits `a_j` go into the softmax (hidden positions: -inf); `gate` logits `s q_t . K~_t` into the
+    sigmoid (0 where a window is all hidden). Same options as `leap_attention(..., is_causal=True)`; with
+    `rescale=c` both are bounded by `c` in absolute value (standardised vectors have norm about sqrt(H)), the
+    focus logits up to ALiBi's `slope * j`.
+    """
+    value = key if value is None else value
+    query, focus, key, value = _check(query, focus, key, value)
+    rotate, slopes = position_options(position_embedding, alibi, query.shape[-2])
+    window = _check_window(window, query.shape[-3])
+    q, f, k, v, s = _prepare(query, focus, key, value, rescale, scale)
+    q, f, k = _rotate(rotate, q, f, k)
+    logits = focus_logits(f, k, scale=s, mask=_positions_mask(mask, query.shape), alibi=slopes)
+    gate = s * _query_key_dots(_flat(logits, 2), _flat(q), _flat(k), _flat(v), window)
+    return logits, gate.reshape(logits.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _query_key_dots(logits, q, k, v, window):
+    """`q_t . K~_t` `[B, T, N]` (compiled: eager associative scans dispatch hundreds of small ops)."""
+    k_avg, _, _ = _averages(logits, k, v, window)
+    return jnp.einsum("btnd,btnd->btn", q, k_avg)
 
 
 # ---------------------------------------------------------------- recurrent form
@@ -335,41 +384,57 @@ def init_state(batch_shape: tuple, num_heads: int, head_dim: int, value_dim: int
                            jnp.zeros((), jnp.int32))
 
 
-def leap_step(state: LEAPState | LEAPWindowState, q_t, f_t, k_t, v_t, *, mask_t=None,
-              rescale: float | None = None, scale: float | None = None,
-              alibi=None) -> tuple[LEAPState | LEAPWindowState, jnp.ndarray]:
-    """One token: q/f/k `[batch..., N, H]`, v `[batch..., N, Hv]` -> `(new_state, out_t [batch..., N, Hv])`.
+def _check_step(q_t, f_t, k_t, v_t):
+    """One token's arrays: q/f/k `[batch..., N, H]` of one shape, v `[batch..., N, Hv]`, else a ValueError."""
+    arrays = [as_float_array(n, a) for n, a in (("q_t", q_t), ("f_t", f_t), ("k_t", k_t), ("v_t", v_t))]
+    q, f, k, v = arrays
+    if not (q.shape == f.shape == k.shape) or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"q_t, f_t, k_t must be [batch..., N, H] and v_t [batch..., N, Hv]; got q_t {q.shape}, "
+                         f"f_t {f.shape}, k_t {k.shape}, v_t {v.shape}")
+    return arrays
 
-    The new token joins the sums before they are read (position t sees j <= t), exactly as in
-    `leap_attention`. `mask_t` (bool, broadcastable to `[batch..., N]`) False = padding: no focus.
-    `alibi`: the same per-head slopes `[N]` as given to `leap_attention` (the position is `state.pos`).
-    """
-    q_t, f_t, k_t, v_t = (as_float_array(n, a) for n, a in (("q_t", q_t), ("f_t", f_t), ("k_t", k_t), ("v_t", v_t)))
-    if not (q_t.shape == f_t.shape == k_t.shape) or v_t.shape[:-1] != q_t.shape[:-1]:
-        raise ValueError(f"q_t, f_t, k_t must be [batch..., N, H] and v_t [batch..., N, Hv]; got q_t {q_t.shape}, "
-                         f"f_t {f_t.shape}, k_t {k_t.shape}, v_t {v_t.shape}")
-    dtype = state.rows.dtype if isinstance(state, LEAPWindowState) else state.sums.dtype
-    q, f, k, v, s = _prepare(q_t.astype(dtype), f_t, k_t, v_t.astype(dtype), rescale, scale)
-    d = q.shape[-1]
-    a = s * jnp.einsum("...nd,...nd->...n", f, k)
-    if alibi is not None:
-        a = a + state.pos.astype(dtype) * jnp.asarray(alibi, dtype)
-    if mask_t is not None:
-        a = jnp.where(jnp.asarray(mask_t, bool), a, NEG_INF)
-    leaf = _leaves(a, jnp.concatenate([k, v], -1))
+
+def _push(state: LEAPState | LEAPWindowState, leaf) -> tuple:
+    """Add one token's summary `leaf = (a, live, [k, v])` -> `(new_state, (m, l, sums))` of its window."""
     if isinstance(state, LEAPWindowState):
         w = state.logits.shape[-2]
         slot = state.pos % w
         logits = jax.lax.dynamic_update_index_in_dim(state.logits, leaf[0], slot, axis=state.logits.ndim - 2)
         rows = jax.lax.dynamic_update_index_in_dim(state.rows, leaf[2], slot, axis=state.rows.ndim - 3)
-        new_state = LEAPWindowState(logits, rows, state.pos + 1)
         # Recompute the window's summary from the buffer: O(w) per step, exact, nothing subtracted.
         m = jnp.max(logits, -2)
         e = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)[..., None, :])
-        l, sums = jnp.sum(e, -2), jnp.einsum("...wn,...wnd->...nd", e, rows)
-    else:
-        m, l, sums = _combine((state.m, state.l, state.sums), leaf)
-        new_state = LEAPState(m, l, sums, state.pos + 1)
+        summary = (m, jnp.sum(e, -2), jnp.einsum("...wn,...wnd->...nd", e, rows))
+        return LEAPWindowState(logits, rows, state.pos + 1), summary
+    m, l, sums = _combine((state.m, state.l, state.sums), leaf)
+    return LEAPState(m, l, sums, state.pos + 1), (m, l, sums)
+
+
+def leap_step(state: LEAPState | LEAPWindowState, q_t, f_t, k_t, v_t, *, mask_t=None,
+              rescale: float | None = None, scale: float | None = None, position_embedding: str = "none",
+              alibi=None) -> tuple[LEAPState | LEAPWindowState, jnp.ndarray]:
+    """One token: q/f/k `[batch..., N, H]`, v `[batch..., N, Hv]` -> `(new_state, out_t [batch..., N, Hv])`.
+
+    The new token joins the sums before they are read (position t sees j <= t), exactly as in
+    `leap_attention`. `mask_t` (bool, broadcastable to `[batch..., N]`) False = padding: no focus.
+    `position_embedding` and `alibi` as in `leap_attention`; the token's absolute position is `state.pos`
+    (rotary rotates q, f, k by it, ALiBi adds `slope * pos`), so a state that starts at position p continues
+    a sequence whose first p tokens it has summarised.
+    """
+    q_t, f_t, k_t, v_t = _check_step(q_t, f_t, k_t, v_t)
+    rotate, slopes = position_options(position_embedding, alibi, q_t.shape[-2])
+    dtype = state.rows.dtype if isinstance(state, LEAPWindowState) else state.sums.dtype
+    q, f, k, v, s = _prepare(q_t.astype(dtype), f_t, k_t, v_t.astype(dtype), rescale, scale)
+    # One position: add a length-1 sequence axis for the rotation, at the absolute position state.pos.
+    q, f, k = (a[..., 0, :, :] for a in _rotate(rotate, q[..., None, :, :], f[..., None, :, :],
+                                                  k[..., None, :, :], jnp.reshape(state.pos, (1,))))
+    d = q.shape[-1]
+    a = s * jnp.einsum("...nd,...nd->...n", f, k)
+    if slopes is not None:
+        a = a + state.pos.astype(dtype) * jnp.asarray(slopes, dtype)
+    if mask_t is not None:
+        a = jnp.where(jnp.asarray(mask_t, bool), a, NEG_INF)
+    new_state, (m, l, sums) = _push(state, _leaves(a, jnp.concatenate([k, v], -1)))
     live = l > 0
     avg = jnp.where(live[..., None], sums / jnp.where(live, l, 1.0)[..., None], 0.0)
     gate = jax.nn.sigmoid(s * jnp.einsum("...nd,...nd->...n", q, avg[..., :d]))
@@ -378,7 +443,7 @@ def leap_step(state: LEAPState | LEAPWindowState, q_t, f_t, k_t, v_t, *, mask_t=
 
 def generate(project: Callable, readout: Callable, first_input, num_steps: int,
              state: LEAPState | LEAPWindowState, *, rescale: float | None = None,
-             scale: float | None = None, alibi=None):
+             scale: float | None = None, position_embedding: str = "none", alibi=None):
     """Decode token by token with `lax.scan`; memory does not grow with `num_steps`.
 
     Args:
@@ -387,11 +452,13 @@ def generate(project: Callable, readout: Callable, first_input, num_steps: int,
       first_input: `x_0`, any pytree of arrays.
       num_steps: how many steps to run.
       state: from `init_state(...)` (with `window=` for windowed LEAP) or an earlier call.
+      rescale, scale, position_embedding, alibi: as in `leap_step` (the same as the parallel form's).
 
     Returns:
       `(final_state, inputs, outputs)`: `inputs` stacks `x_0 .. x_{num_steps-1}` on a new leading axis,
       `outputs [num_steps, batch..., N, Hv]` the attention outputs.
     """
-    step = functools.partial(leap_step, rescale=rescale, scale=scale, alibi=alibi)
+    step = functools.partial(leap_step, rescale=rescale, scale=scale, position_embedding=position_embedding,
+                             alibi=alibi)
     return decode(step, project, readout, first_input, num_steps, state)
 

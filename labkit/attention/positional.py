@@ -6,7 +6,9 @@ A rotation is orthogonal, so `R(p) x . R(r) y = x . R(r - p) y`: dot products de
 *difference* of positions, and shifting every position by the same amount changes nothing.
 Press, Smith & Lewis 2022, "Train short, test long" (ALiBi): add `-slope (t - j)` to the score of key j for
 query t, with geometric per-head slopes `2^{-8 h / N}`. In LEAP the `t` part cancels in the softmax over j, so
-ALiBi is `+ slope * j` on the focus logits (`leap_attention(..., alibi=alibi_slopes(N))`).
+ALiBi is `+ slope * j` on the focus logits (`leap_attention(..., position_embedding="alibi")`).
+`position_options` turns the one `position_embedding` option ("none" / "rotary" / "alibi", in the spirit of
+BERT's `position_embedding_type`) into what an attention function needs.
 
 Cost: O(T d) time and memory for the rotation; the slopes are N numbers.
 """
@@ -41,3 +43,22 @@ def alibi_slopes(num_heads: int) -> jnp.ndarray:
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     return 2.0 ** (-8.0 * jnp.arange(1, num_heads + 1, dtype=jnp.float32) / num_heads)
+
+
+POSITION_EMBEDDINGS = ("none", "rotary", "alibi")
+
+
+def position_options(position_embedding: str, alibi, num_heads: int) -> tuple[bool, jnp.ndarray | None]:
+    """`(rotate?, slopes [N] | None)` for `position_embedding` in POSITION_EMBEDDINGS.
+
+    `alibi` is optional custom slopes `[N]` (default `alibi_slopes(N)`); given with "none" it means "alibi"
+    (the form older callers use), with "rotary" it is an error.
+    """
+    if position_embedding not in POSITION_EMBEDDINGS:
+        raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+    if alibi is not None and position_embedding == "rotary":
+        raise ValueError("alibi slopes were given with position_embedding='rotary': choose one")
+    if alibi is not None or position_embedding == "alibi":
+        slopes = alibi_slopes(num_heads) if alibi is None else jnp.asarray(alibi)
+        return False, slopes
+    return position_embedding == "rotary", None
