@@ -193,3 +193,34 @@ def test_linformer_checkpoint_table_measures_each_level_in_a_worker():
     for row in rows:
         assert "error" not in row, row
         assert row["peak_extra_mib"] >= 0 and row["method"] in ("VmHWM", "ru_maxrss") and row["seq"] == 256
+
+
+# ---------------------------------------------------------------- --all-variants ratios, --tune
+
+def test_ratio_table_has_one_column_per_variant_and_notes_a_missing_baseline():
+    points = [bench.Measurement(impl, 4096, causal=c, backward=b, time_s=t)
+              for impl, scale in (("memory_efficient", 3.0), ("torch", 2.0))
+              for c, b, t in ((False, False, 1.0), (True, False, 0.5), (False, True, 4.0), (True, True, 2.0))
+              for t in [t * scale]]
+    text = bench.tables.ratio_table(points, baseline="torch")
+    header, row = text.splitlines()
+    assert header.split("|")[0].endswith("forward ") and "causal, fwd+bwd" in header.split("|")[-1]
+    assert row.startswith("memory_eff   4096") and row.count("1.50x") == 4
+    skipped = [bench.Measurement("torch", 64, status="skipped", message="torch is not importable")]
+    assert "(torch not measured: torch is not importable)" in bench.tables.ratio_table(
+        [bench.Measurement("dense", 64, time_s=1.0)] + skipped, baseline="torch")
+
+
+def test_tune_caches_the_fastest_chunk_sizes_for_this_cpu(tmp_path, monkeypatch):
+    from labkit.attention.chunked import chunk_sizes_for
+    from labkit.bench import tune
+
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path))
+    tuned = tune.tune([64], heads=1, head_dim=8, candidates=((16, 16), (32, 64), (128, 128)), rounds=1)
+    times = tuned["times_s"][64]
+    assert set(times) == {"16x16", "32x64", "64x64"}  # a candidate longer than the sequence is clipped to it
+    assert all(t > 0 for t in times.values())
+    best = tuple(int(x) for x in min(times, key=times.get).split("x"))
+    assert json.loads(Path(tuned["path"]).read_text()) == {next(iter(tuned["chosen"])): list(best)}
+    assert chunk_sizes_for(64, 64, 8) == best
+    assert "seq     64" in tune.report(tuned) and str(tmp_path) in tune.report(tuned)

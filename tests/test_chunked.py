@@ -1,6 +1,8 @@
 """memory_efficient_attention against the dense reference and a float64 brute force: values and gradients."""
 
 import functools
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,13 +131,91 @@ def test_gradients_match_dense(causal, masked, checkpoint):
 def test_checkpoint_flag_recomputes_in_the_backward_pass():
     q, k, v = _qkv(9, (1,), 8, 8)
 
-    def grad_jaxpr(checkpoint):
+    def grad_jaxpr(checkpoint, custom_backward=False):
         fn = functools.partial(memory_efficient_attention, query_chunk_size=4, key_chunk_size=4,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint, custom_backward=custom_backward)
         return str(jax.make_jaxpr(jax.grad(lambda q: fn(q, k, v).sum()))(q))
 
     assert "checkpoint" in grad_jaxpr(True) or "remat" in grad_jaxpr(True)
     assert "checkpoint" not in grad_jaxpr(False) and "remat" not in grad_jaxpr(False)
+    # The custom backward recomputes blocks from the log-sum-exp itself: no remat of the forward's scan.
+    assert "checkpoint" not in grad_jaxpr(True, True) and "remat" not in grad_jaxpr(True, True)
+
+
+# ---------------------------------------------------------------- the FlashAttention-2 backward (custom_vjp)
+
+# (T, S, query_chunk, key_chunk, batch, causal, bias shape or None, mask kind or None)
+BACKWARD_CASES = [
+    (13, 13, 4, 5, (2,), False, None, None),  # neither chunk size divides the length
+    (13, 13, 4, 5, (2,), True, None, None),
+    (12, 12, 4, 4, (2,), True, (2, 12, 12), None),  # causal, chunks that divide, a per-head bias
+    (11, 11, 4, 3, (2,), False, (2, 1, 1, 11), "keys"),  # key-padding mask, bias per example and key
+    (11, 11, 3, 4, (2,), True, (11, 1), "hidden rows"),  # rows that see no key, a per-query bias
+    (6, 13, 4, 5, (2,), False, (2, 2, 6, 13), "keys"),  # cross-attention, more keys than queries
+    (9, 5, 2, 3, (2,), True, None, "hidden rows"),  # cross-attention, more queries than keys, causal
+    (7, 7, 3, 4, (2, 3), True, (3, 2, 7, 7), "hidden rows"),  # two batch dims
+    (1, 1, 4, 4, (), False, None, None),  # length 1, no batch dims
+]
+
+
+def _mask(kind, batch, t, s, rng):
+    if kind is None:
+        return None
+    if kind == "keys":
+        keep = np.ones((*batch, 1, 1, s), bool)
+        keep[0, ..., -3:] = False
+        keep[-1, ..., 1] = False
+        return keep
+    keep = rng.random((*batch, 2, t, s)) > 0.4
+    keep.reshape(-1, t, s)[1, min(t - 1, 2)] = False  # one row of one example and head sees no key
+    return keep
+
+
+@pytest.mark.parametrize("t,s,qc,kc,batch,causal,bias_shape,mask_kind", BACKWARD_CASES)
+def test_custom_backward_gradients_equal_dense(t, s, qc, kc, batch, causal, bias_shape, mask_kind):
+    rng = np.random.default_rng(t * 100 + s)
+    q, k, v = _qkv(rng, batch, t, s, hv=3)
+    bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+    mask = _mask(mask_kind, batch, t, s, rng)
+    cotangent = jnp.asarray(rng.normal(size=(*batch, t, 2, 3)), jnp.float32)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+
+    def loss(fn, **options):
+        return lambda q, k, v, b: jnp.sum(fn(q, k, v, b, mask, is_causal=causal, **options) * cotangent)
+
+    ours = jax.jit(jax.grad(loss(memory_efficient_attention, query_chunk_size=qc, key_chunk_size=kc),
+                            argnums=argnums))(q, k, v, bias)
+    expected = jax.grad(loss(dot_product_attention), argnums=argnums)(q, k, v, bias)
+    for name, g, e in zip("qkvb", ours, expected):
+        assert g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, atol=2e-5, rtol=1e-5, err_msg=f"gradient w.r.t. {name}")
+
+
+def test_custom_backward_skips_the_causal_blocks_above_the_diagonal():
+    # NaN values in keys 4..7 and a loss on queries 0..3 only: block (0, 1) would turn dQ of those queries into
+    # NaN if the backward computed it (0 * NaN), even masked.
+    q, k, v = _qkv(13, (1,), 8, 8)
+    v = v.at[:, 4:].set(jnp.nan)
+    fn = functools.partial(memory_efficient_attention, is_causal=True, query_chunk_size=4, key_chunk_size=4)
+    dq = jax.grad(lambda q: fn(q, k, v)[:, :4].sum())(q)
+    expected = jax.grad(lambda q: dot_product_attention(q, k[:, :4], v[:, :4], is_causal=True).sum())(q[:, :4])
+    np.testing.assert_allclose(dq[:, :4], expected, atol=1e-5)
+
+
+def test_custom_backward_keeps_only_inputs_output_and_logsumexp():
+    # What jax.vjp's backward function holds: linear in the length for the custom backward, the score blocks
+    # of every query chunk (T x S per head) when autodiff goes through the scan without checkpoints.
+    t, n, h = 64, 2, 4
+    q, k, v = _qkv(14, (1,), t, n=n, h=h)
+
+    def kept(**options):
+        fn = functools.partial(memory_efficient_attention, is_causal=True, query_chunk_size=8, key_chunk_size=8,
+                               **options)
+        return sum(x.size for x in jax.tree_util.tree_leaves(jax.vjp(fn, q, k, v)[1]))
+
+    linear = t * n * (4 * h + 1)  # q, k, v, the output and the log-sum-exp
+    assert kept() <= linear + 8  # and a few scalars
+    assert kept(custom_backward=False, checkpoint=False) > t * t * n  # the blocks: the check can tell them apart
 
 
 def test_bad_arguments_name_themselves():
@@ -227,3 +307,42 @@ def test_layer_trains_inside_a_trax_model():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     stepped = jax.tree_util.tree_map(lambda w, g: w - 0.5 * g, ref.weights, grads)
     assert jax.jit(functools.partial(loss, ours))(stepped) < value  # one SGD step on the same batch lowers the loss
+
+
+# ---------------------------------------------------------------- chunk sizes tuned per machine (the cache)
+
+def test_chunk_sizes_come_from_the_cache_else_the_defaults(tmp_path, monkeypatch):
+    from labkit.attention import chunk_sizes
+    from labkit.attention.chunked import DEFAULT_KEY_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, chunk_sizes_for
+
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "cache"))
+    defaults = (DEFAULT_QUERY_CHUNK_SIZE, DEFAULT_KEY_CHUNK_SIZE)
+    assert chunk_sizes_for(4096, 4096, 64) == defaults  # no cache file yet
+    cpu = chunk_sizes.cpu_model()
+    path = chunk_sizes.write_entries({chunk_sizes.entry_name(cpu, 64, 4096): (256, 128),
+                                      chunk_sizes.entry_name(cpu, 64, 16384): (1024, 1024),
+                                      chunk_sizes.entry_name("some other cpu", 64, 3000): (8, 8)})
+    assert path.parent == tmp_path / "cache" and json.loads(path.read_text())
+    assert chunk_sizes_for(4096, 4096, 64) == (256, 128)
+    assert chunk_sizes_for(3000, 3000, 64) == (256, 128)  # 3000 rounds to 4096 in log scale
+    assert chunk_sizes_for(100_000, 100_000, 64) == (1024, 1024)  # the nearest tuned length
+    assert chunk_sizes_for(4096, 4096, 32) == defaults  # no tuning for this head dim
+    assert chunk_sizes_for(4096, 4096, 64, 64, None) == (64, 128)  # what the caller gives wins
+    path.write_text("{not json")
+    assert chunk_sizes_for(4096, 4096, 64) == defaults  # a broken cache is ignored, never an error
+
+
+def test_attention_without_chunk_sizes_uses_the_tuned_ones(tmp_path, monkeypatch):
+    from labkit.attention import chunk_sizes
+
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path))
+    q, k, v = _qkv(15, (1,), 24, 24)
+    chunk_sizes.write_entries({chunk_sizes.entry_name(chunk_sizes.cpu_model(), 4, 32): (8, 6)})
+
+    def scan_lengths(**options):
+        text = str(jax.make_jaxpr(lambda q: memory_efficient_attention(q, k, v, **options))(q))
+        return sorted(set(int(n) for n in re.findall(r"length=(\d+)", text)))
+
+    assert scan_lengths() == [3, 4]  # 24 / 8 query chunks, 24 / 6 key chunks
+    assert scan_lengths(query_chunk_size=12, key_chunk_size=12) == [2]
+    np.testing.assert_allclose(memory_efficient_attention(q, k, v), dot_product_attention(q, k, v), atol=1e-5)

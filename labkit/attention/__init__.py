@@ -121,11 +121,12 @@ def _dense_memory(p: Problem, options: dict) -> int:
 
 
 def _blockwise_memory(p: Problem, options: dict) -> int:
-    # A few [query_chunk, key_chunk] blocks per head and example, plus running sums of the output's size.
-    from labkit.attention.chunked import DEFAULT_KEY_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE
+    # A few [query_chunk, key_chunk] blocks per head and example, plus running sums of the output's size;
+    # the block sizes the call would use (the caller's, this CPU's tuned ones, else the defaults).
+    from labkit.attention.chunked import chunk_sizes_for
 
-    qc = min(p.seq_len, options.get("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE))
-    kc = min(p.seq_len, options.get("key_chunk_size", DEFAULT_KEY_CHUNK_SIZE))
+    qc, kc = (min(p.seq_len, c) for c in chunk_sizes_for(
+        p.seq_len, p.seq_len, p.head_dim, options.get("query_chunk_size"), options.get("key_chunk_size")))
     return 4 * p.batch * p.heads * qc * kc * FLOAT_BYTES + 3 * p.io_bytes
 
 

@@ -2,6 +2,12 @@
 
     python -m labkit bench --impl dense,memory_efficient --seq 1024,4096 --heads 4 --head-dim 64 \\
         [--causal] [--backward] [--json out.json] [--plot out.png] [--repeats N] [--option NAME=VALUE]
+    python -m labkit bench --impl memory_efficient,torch --baseline torch --all-variants --seq 4096,16384
+    python -m labkit bench --tune [--seq 4096,16384]
+
+`--all-variants` measures forward, causal forward, forward + backward and causal forward + backward in one run
+and ends with a table of time ratios to the baseline (labkit / torch with `--baseline torch`). `--tune` runs
+`labkit.bench.tune`'s short sweep and caches this machine's chunk sizes for `memory_efficient_attention`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 from labkit.bench.implementations import IMPLEMENTATIONS
 from labkit.bench.measuring import sweep
 from labkit.bench.plotting import plot
-from labkit.bench.tables import table
+from labkit.bench.tables import ratio_table, table
 
 
 def _int_list(text: str) -> list[int]:
@@ -38,12 +44,17 @@ def _parser() -> argparse.ArgumentParser:
                     "one fresh process per point.")
     parser.add_argument("--impl", default="dense,memory_efficient",
                         help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}")
-    parser.add_argument("--seq", type=_int_list, default=[1024, 4096], help="comma-separated sequence lengths")
+    parser.add_argument("--seq", type=_int_list, default=None,
+                        help="comma-separated sequence lengths (default 1024,4096; with --tune 4096,16384)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--backward", action="store_true", help="time forward + gradient w.r.t. q, k, v")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="forward and forward + backward, causal and not, then a table of time ratios")
+    parser.add_argument("--tune", action="store_true",
+                        help="time a few chunk sizes of memory_efficient_attention and cache the fastest")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per point")
@@ -59,14 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweep the arguments describe; 0 unless a point failed (skipped points are not failures)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.tune:
+        from labkit.bench import tune
+
+        print(tune.report(tune.tune(args.seq or tune.SEQ_LENS, heads=args.heads, head_dim=args.head_dim)))
+        return 0
     impls = [x.strip() for x in args.impl.split(",") if x.strip()]
     unknown = [x for x in impls if x not in IMPLEMENTATIONS]
     if unknown:
         parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
-    results = sweep(impls, args.seq, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                    causal=args.causal, backward=args.backward, repeats=args.repeats, warmup=args.warmup,
-                    timeout_s=args.timeout, **dict(args.option))
+    variants = [(c, b) for b in (False, True) for c in (False, True)] if args.all_variants else \
+        [(args.causal, args.backward)]
+    results = []
+    for causal, backward in variants:
+        results += sweep(impls, args.seq or [1024, 4096], batch=args.batch, heads=args.heads,
+                         head_dim=args.head_dim, causal=causal, backward=backward, repeats=args.repeats,
+                         warmup=args.warmup, timeout_s=args.timeout, **dict(args.option))
     print(table(results, baseline=args.baseline))
+    if args.all_variants:
+        print()
+        print(ratio_table(results, baseline=args.baseline))
     if args.json:
         with open(args.json, "w") as out:
             json.dump([m.to_dict() for m in results], out, indent=1)

@@ -31,3 +31,20 @@ def table(results: list[Measurement], baseline: str = "dense") -> str:
             lines.append(f"{m.impl:<16} {m.seq_len:>6} {variant(m):<15} {'-':>9} {'-':>8} {'-':>8} {'-':>8} "
                          f"{'-':>10}  {m.status}: {m.message}")
     return "\n".join(lines)
+
+
+def ratio_table(results: list[Measurement], baseline: str) -> str:
+    """Time ratios impl / `baseline`, one row per implementation and length, one column per variant measured."""
+    times = {(m.impl, m.seq_len, m.causal, m.backward): m.time_s for m in results if m.ok}
+    columns = sorted({(m.causal, m.backward) for m in results}, key=lambda cb: (cb[1], cb[0]))
+    names = [variant(Measurement("", 0, causal=c, backward=b)) for c, b in columns]
+    lines = [f"{('time / ' + baseline)[:17]:<17}: " + " | ".join(f"{name:>15}" for name in names)]
+    for impl in dict.fromkeys(m.impl for m in results if m.impl != baseline):
+        for seq in sorted({m.seq_len for m in results if m.impl == impl}):
+            cells = []
+            for causal, backward in columns:
+                mine, ref = times.get((impl, seq, causal, backward)), times.get((baseline, seq, causal, backward))
+                cells.append(f"{mine / ref:>14.2f}x" if mine and ref else f"{'-':>15}")
+            lines.append(f"{impl[:10]:<10} {seq:>6}: " + " | ".join(cells))
+    missing = sorted({m.message for m in results if m.impl == baseline and not m.ok})
+    return "\n".join(lines + [f"({baseline} not measured: {why})" for why in missing])

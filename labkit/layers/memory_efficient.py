@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from labkit.attention.chunked import DEFAULT_KEY_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, memory_efficient_attention
+from labkit.attention.chunked import memory_efficient_attention
 from labkit.layers.base import AttentionLayer
 
 
 class MemoryEfficientSelfAttention(AttentionLayer):
     """`tl.SelfAttention` computed by `labkit.attention.chunked.memory_efficient_attention` (Rabe & Staats).
 
-    Same constructor arguments and weights as `tl.SelfAttention`, plus `query_chunk_size`, `key_chunk_size`,
-    `checkpoint` and `skip_blocks` (see `memory_efficient_attention`). Weights copied from a
-    `tl.SelfAttention` give the same outputs and gradients (exact attention, float rounding apart), while each
-    head holds at most one `[query_chunk, key_chunk]` block of scores. With `masked=True` the mask hides
+    Same constructor arguments and weights as `tl.SelfAttention`, plus `query_chunk_size`, `key_chunk_size`
+    (None: this CPU's tuned sizes, else 512), `checkpoint` and `skip_blocks` (see `memory_efficient_attention`).
+    Weights copied from a `tl.SelfAttention` give the same outputs and gradients (exact attention, float
+    rounding apart), while each head holds at most one `[query_chunk, key_chunk]` block of scores. With `masked=True` the mask hides
     exactly the positions it marks (as `DotProductSelfAttention`).
 
     Not supported (rejected in the constructor): `share_qk`, `chunk_len` (local windows: use
@@ -28,8 +28,8 @@ class MemoryEfficientSelfAttention(AttentionLayer):
     unsupported = ("share_qk", "chunk_len", "attention_dropout")
     decodes = "cache"
 
-    def __init__(self, *args, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
-                 key_chunk_size: int = DEFAULT_KEY_CHUNK_SIZE, checkpoint: bool = True, skip_blocks: bool = True,
+    def __init__(self, *args, query_chunk_size: int | None = None, key_chunk_size: int | None = None,
+                 checkpoint: bool = True, skip_blocks: bool = True,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self._chunk_options = dict(query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
