@@ -282,3 +282,153 @@ def test_layer_trains_inside_a_trax_model():
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
     e_grads = [g for g in jax.tree_util.tree_leaves(grads) if g.shape == (4, 8)]  # E = F: [proj_k, max_len]
     assert len(e_grads) == 1 and float(jnp.abs(e_grads[0]).sum()) > 0
+
+
+# ---------------------------------------------------------------- the layer's downsampling, sharing and k schedule
+
+def _layer_reference(x, qkvo, e, f, **options):
+    """Trax's projections by einsum, all heads at once through `linformer_attention`, heads summed by `w_o`."""
+    q, k, v = (jnp.einsum("btd,ndh->btnh", x, w) for w in qkvo[:3])
+    return jnp.einsum("btnh,nhd->btd", linformer_attention(q, k, v, e_proj=e, f_proj=f, **options), qkvo[3])
+
+
+@pytest.mark.parametrize("downsample,sharing,masked", [
+    ("mean", "none", True), ("conv", "none", False), ("conv", "headwise", True), ("conv", "kv", False),
+    ("linear", "layerwise", True), ("conv", "layerwise", False)])
+def test_layer_downsampling_and_sharing_match_the_function(downsample, sharing, masked):
+    from trax import shapes
+
+    from labkit.layers import LinformerSelfAttention, linformer_attention_stack
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 10, 8)), jnp.float32)
+    mask = np.ones((2, 10), bool)
+    mask[0, 7:] = False
+    (layer,) = linformer_attention_stack(1, max_len=12, proj_k=4, sharing=sharing, downsample=downsample, n_heads=2,
+                                         d_qk=4, d_v=3, masked=masked, mode="eval")
+    inputs = (x, mask) if masked else x
+    layer.init(shapes.signature(inputs), rng=jax.random.PRNGKey(0))
+    attention = layer.sublayers[1] if sharing == "layerwise" else layer
+    assert isinstance(attention, LinformerSelfAttention)
+    proj = (layer.sublayers[0].weights[0],) if sharing == "layerwise" else tuple(attention.weights[4:])
+    # conv: a kernel of r = ceil(n / k) = 3 positions, one per head unless shared; mean: no weights.
+    want_shapes = {"mean": [], "conv": [(2, 3)] * 2 if sharing == "none" else [(3,)] * (2 if sharing == "headwise"
+                                                                                   else 1)}
+    if downsample in want_shapes:
+        assert [p.shape for p in proj] == want_shapes[downsample]
+    e = proj[0] if proj else None
+    f = proj[1] if len(proj) == 2 else None
+    want = _layer_reference(x, attention.weights[:4], e, f, downsample=downsample,
+                            stride=None if downsample == "linear" else 3,
+                            mask=mask[:, None, None, :] if masked else None)
+    np.testing.assert_allclose(layer(inputs), want, atol=1e-5)
+
+
+def test_mean_downsampling_with_blocks_of_one_is_trax_self_attention():
+    from trax import layers as tl
+    from trax import shapes
+
+    from labkit.layers import LinformerSelfAttention
+
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 9, 8)), jnp.float32)
+    mask = np.ones((2, 9), bool)
+    mask[1, 4:] = False
+    ref = tl.SelfAttention(n_heads=2, d_qk=4, d_v=4, masked=True, mode="eval")
+    ref.init(shapes.signature((x, mask)), rng=jax.random.PRNGKey(0))
+    ours = LinformerSelfAttention(n_heads=2, d_qk=4, d_v=4, masked=True, mode="eval", max_len=9, proj_k=9,
+                                  downsample="mean")
+    ours.init(shapes.signature((x, mask)), rng=jax.random.PRNGKey(1))
+    assert ours.n_projections == 0
+    ours.weights = ref.weights
+    np.testing.assert_allclose(ours((x, mask)), ref((x, mask)), atol=1e-5)
+
+
+def test_attention_stack_follows_the_k_schedule():
+    from trax import shapes
+
+    from labkit.layers import linformer_attention_stack
+
+    x = jnp.zeros((1, 64, 8))
+    kw = dict(max_len=64, proj_k=32, k_decay=0.5, min_k=6, n_heads=2, d_qk=4, d_v=4, mode="eval")
+    layers = linformer_attention_stack(4, **kw)
+    assert [layer.proj_k for layer in layers] == k_schedule(32, 4, decay=0.5, min_k=6) == [32, 16, 8, 6]
+    for layer in layers:
+        layer.init(shapes.signature(x))
+    assert [layer.weights[4].shape for layer in layers] == [(2, k, 64) for k in (32, 16, 8, 6)]
+    convs = linformer_attention_stack(4, downsample="conv", sharing="headwise", **kw)
+    for layer in convs:
+        layer.init(shapes.signature(x))
+    assert [layer.weights[4].shape for layer in convs] == [(2,), (4,), (8,), (11,)]  # r = ceil(64 / k)
+    assert [layer.proj_k for layer in linformer_attention_stack(2, **{**kw, "proj_k": [7, 3]})] == [7, 3]
+    with pytest.raises(ValueError, match="same k"):
+        linformer_attention_stack(4, sharing="layerwise", **kw)
+    with pytest.raises(ValueError, match="no projection to share"):
+        linformer_attention_stack(2, sharing="layerwise", downsample="mean", **{**kw, "k_decay": 1.0})
+
+
+# ---------------------------------------------------------------- P-bar dropout (attention probabilities)
+
+def _probability_probe(rng, t=5, s=6):
+    """q, k and one-hot values `[S, N, S]`: with mean pooling over blocks of 1 the output IS the (dropped) P-bar."""
+    q, k, _ = random_qkv(rng, t=t, s=s, h=s, as_jax=True)  # jax.nn wants value dim = query dim
+    value = jnp.broadcast_to(jnp.eye(s)[:, None, :], (s, 2, s))
+    return q, k, value
+
+
+def test_pbar_dropout_rate_zero_is_no_dropout(rng):
+    q, k, value = _probability_probe(rng)
+    probs = jax.nn.dot_product_attention(q, k, value)  # [T, N, S]: the attention weights themselves
+    got = linformer_attention(q, k, value, downsample="mean", stride=1, dropout_rate=0.0,
+                              prng_key=jax.random.PRNGKey(3))
+    np.testing.assert_allclose(got, probs, atol=1e-6)
+
+
+def test_pbar_dropout_drops_probabilities_and_keeps_the_expectation(rng):
+    q, k, value = _probability_probe(rng)
+    probs = np.asarray(jax.nn.dot_product_attention(q, k, value))
+    rate, draws = 0.25, 4000
+    attend = jax.vmap(lambda key: linformer_attention(q, k, value, downsample="mean", stride=1, dropout_rate=rate,
+                                                      prng_key=key))
+    outs = np.asarray(attend(jax.random.split(jax.random.PRNGKey(0), draws)))  # [draws, T, N, S]
+    dropped = np.isclose(outs, 0.0, atol=1e-7)
+    # Each probability is either dropped or kept and rescaled by 1 / (1 - rate) (inverted dropout).
+    assert np.all(dropped | np.isclose(outs, probs / (1 - rate), rtol=1e-5))
+    assert abs(dropped.mean() - rate) < 0.01
+    tolerance = 5 * probs * np.sqrt(rate / (1 - rate) / draws) + 1e-6  # 5 standard errors of the mean
+    assert np.all(np.abs(outs.mean(0) - probs) <= tolerance)
+    # The pattern depends on the key: the same key gives the same draw, different keys different ones.
+    assert np.array_equal(outs[0], np.asarray(attend(jax.random.split(jax.random.PRNGKey(0), draws)[:1])[0]))
+    assert not np.array_equal(dropped[0], dropped[1])
+
+
+def test_pbar_dropout_expectation_with_learned_projections(rng):
+    q, k, v = random_qkv(rng, t=4, s=8, as_jax=True)
+    e, f = (jnp.asarray(rng.normal(size=(2, 3, 8)) / np.sqrt(3), jnp.float32) for _ in range(2))
+    want = np.asarray(linformer_attention(q, k, v, e_proj=e, f_proj=f))
+    attend = jax.vmap(lambda key: linformer_attention(q, k, v, e_proj=e, f_proj=f, dropout_rate=0.3, prng_key=key))
+    outs = np.asarray(attend(jax.random.split(jax.random.PRNGKey(1), 4000)))
+    standard_error = outs.std(0) / np.sqrt(len(outs))
+    assert np.all(np.abs(outs.mean(0) - want) <= 5 * standard_error + 1e-6)
+    assert np.abs(outs[0] - want).max() > 1e-2  # one draw really is perturbed
+
+
+def test_layer_pbar_dropout_in_train_mode_only():
+    from trax import shapes
+
+    from labkit.layers import LinformerSelfAttention
+
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 8)), jnp.float32)
+    layers = {}
+    for mode in ("train", "eval"):
+        layers[mode] = LinformerSelfAttention(n_heads=2, d_qk=4, d_v=4, max_len=8, proj_k=3, attention_dropout=0.5,
+                                              mode=mode)
+        layers[mode].init(shapes.signature(x), rng=jax.random.PRNGKey(0))
+    train, evaluate = layers["train"], layers["eval"]
+    run = lambda layer, seed: np.asarray(layer.pure_fn(x, train.weights, layer.state, jax.random.PRNGKey(seed))[0])
+    qkvo, e, f = train.weights[:4], train.weights[4], train.weights[5]
+    want = _layer_reference(x, qkvo, e, f)
+    np.testing.assert_allclose(run(evaluate, 1), want, atol=1e-5)
+    np.testing.assert_array_equal(run(evaluate, 1), run(evaluate, 2))  # eval: deterministic, no dropout
+    np.testing.assert_array_equal(run(train, 1), run(train, 1))
+    assert np.abs(run(train, 1) - run(train, 2)).max() > 1e-3  # train: the draw follows the rng
+    assert np.abs(run(train, 1) - want).max() > 1e-3

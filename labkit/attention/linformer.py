@@ -12,13 +12,15 @@ dense attention. Options users expect, all here:
 
 - sharing (the paper's levels): a projection per head (`e_proj [N, k, n]`, the default), one shared by all
   heads (`[k, n]`), key-value sharing (`f_proj=None`: F = E), and one matrix shared by every layer (use
-  `init_projections(..., sharing="layerwise")`, which hands every layer the same array);
+  `init_projections(..., sharing="layerwise")`, which hands every layer the same array; in Trax,
+  `labkit.layers.LinformerProjection`, one layer instance used before every attention layer);
 - inputs shorter than `n` are padded with masked (zeroed) positions inside the function; longer ones raise
   a ValueError naming both lengths; a key padding `mask` zeroes hidden keys and values *before* projecting;
 - the paper's alternative downsampling: mean pooling or a strided convolution with kernel = stride = n/k
   (`downsample="mean"` / `"conv"`), where each projected position is one block of keys, so a block whose
   keys are all hidden is hidden exactly in the softmax;
-- a per-layer schedule that shrinks `k` with depth (`k_schedule`).
+- a per-layer schedule that shrinks `k` with depth (`k_schedule`; in Trax `labkit.layers.linformer_attention_stack`
+  and `labkit.models.LinformerEncoder(k_decay=...)`).
 
 Linformer mixes positions before the softmax, so it has no causal form (`is_causal=True` is rejected), and a
 mask can only hide keys for every query (a key padding mask `[batch..., S]`), not per query.
@@ -241,15 +243,35 @@ def _project_by_pooling(key, value, valid, e_proj, f_proj, downsample: str, stri
 CHECKPOINT_LEVELS = ("C0", "C1", "C2")
 
 
+def block_length(max_len: int, proj_k: int) -> int:
+    """Block length `r = ceil(n / k)` of mean pooling / conv downsampling, so `ceil(T / r) <= k` blocks."""
+    return -(-max_len // proj_k)
+
+
+def _one_head(x, head_weights: tuple, e, f, rng, *, bias: bool, mask, options: dict) -> jnp.ndarray:
+    """One head `x [B, T, d_model]` -> `[B, T, d_model]` (through its `w_o`); `e, f` that head's projection."""
+    if bias:
+        w_q, w_k, w_v, w_o, b_q, b_k, b_v = head_weights
+    else:
+        (w_q, w_k, w_v, w_o), b_q, b_k, b_v = head_weights, 0.0, 0.0, 0.0
+    # [B, T, d] @ [d, h] -> [B, T, 1, h]: the attention function takes a heads axis.
+    q, k, v = ((x @ w + b)[..., None, :] for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
+    o = linformer_attention(q, k, v, mask=mask, e_proj=None if e is None else e[None],
+                            f_proj=None if f is None else f[None], prng_key=rng, **options)
+    return o[..., 0, :] @ w_o
+
+
 def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, bias: bool = False,
-                             checkpoint: str = "C0", dropout_rate: float = 0.0,
-                             prng_key: jax.Array | None = None) -> jnp.ndarray:
+                             checkpoint: str = "C0", downsample: str = "linear", stride: int | None = None,
+                             dropout_rate: float = 0.0, prng_key: jax.Array | None = None) -> jnp.ndarray:
     """Multi-head Linformer self-attention `x [B, T, d_model]` -> `[B, T, d_model]`, in Trax's weight layout.
 
     `qkvo = (w_q, w_k, w_v, w_o)` (+ `b_q, b_k, b_v` when `bias`) stacked over heads as in `tl.SelfAttention`:
     `w_q, w_k [N, d_model, d_qk]`, `w_v [N, d_model, d_v]`, `w_o [N, d_v, d_model]`. `e_proj` / `f_proj` as in
-    `linformer_attention` (`[N, k, n]` per head or `[k, n]` shared; `f_proj=None`: F = E). `mask [B, T]` hides
-    padding. Head outputs are summed, as in Trax.
+    `linformer_attention` for its `downsample` mode: `"linear"` `[N, k, n]` per head or `[k, n]` shared,
+    `"conv"` kernels `[N, r]` per head or `[r]` shared, `"mean"` None; `f_proj=None`: F = E. `stride` is the
+    block length of "mean" / "conv". `mask [B, T]` hides padding. `dropout_rate` drops attention
+    probabilities (P-bar), with one key per head split from `prng_key`. Head outputs are summed, as in Trax.
 
     `checkpoint` trades compute for memory in the backward pass (`jax.checkpoint`), like the seed's levels:
     "C0" keeps every intermediate; "C1" keeps only this call's inputs and recomputes the attention in the
@@ -265,24 +287,17 @@ def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, 
         raise ValueError("dropout_rate > 0 needs a prng_key")
     rngs = jax.random.split(prng_key, n_heads) if dropout_rate > 0.0 else None
     mask = None if mask is None else jnp.asarray(mask)[..., None, None, :]  # [B, T] -> [B, 1, 1, S]
-
-    def one_head(x, head_weights, e, f, rng):
-        if bias:
-            w_q, w_k, w_v, w_o, b_q, b_k, b_v = head_weights
-        else:
-            (w_q, w_k, w_v, w_o), b_q, b_k, b_v = head_weights, 0.0, 0.0, 0.0
-        # [B, T, d] @ [d, h] -> [B, T, 1, h]: the attention function takes a heads axis.
-        q, k, v = ((x @ w + b)[..., None, :] for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
-        o = linformer_attention(q, k, v, mask=mask, e_proj=e[None], f_proj=f[None], dropout_rate=dropout_rate,
-                                prng_key=rng)
-        return o[..., 0, :] @ w_o
+    e_proj = None if e_proj is None else jnp.asarray(e_proj)
+    f_proj = e_proj if f_proj is None else jnp.asarray(f_proj)  # F = E when None
+    # A per-head projection has one more axis than a shared one: [N, k, n] vs [k, n], [N, r] vs [r].
+    per_head_proj = e_proj is not None and e_proj.ndim == (3 if downsample == "linear" else 2)
+    options = dict(downsample=downsample, stride=stride, dropout_rate=dropout_rate)
 
     def all_heads(x, qkvo, e_proj, f_proj):
-        per_head_proj = e_proj.ndim == 3  # else one E (and F) shared by all heads, closed over
-
         def head(args):
             w, e, f, rng = args
-            return one_head(x, w, e if per_head_proj else e_proj, f if per_head_proj else f_proj, rng)
+            e, f = (e, f) if per_head_proj else (e_proj, f_proj)  # shared ones are closed over
+            return _one_head(x, w, e, f, rng, bias=bias, mask=mask, options=options)
 
         per_head = (qkvo, e_proj if per_head_proj else None, f_proj if per_head_proj else None, rngs)
         if checkpoint == "C2":
@@ -294,6 +309,4 @@ def linformer_self_attention(x, qkvo: tuple, e_proj, f_proj=None, *, mask=None, 
         return jnp.sum(outs, axis=0)  # [N, B, T, d] -> [B, T, d]: heads summed as in Trax
 
     run = all_heads if checkpoint == "C0" else jax.checkpoint(all_heads)
-    e_proj = jnp.asarray(e_proj)
-    return run(x, tuple(qkvo), e_proj, e_proj if f_proj is None else jnp.asarray(f_proj))  # F = E if None
-
+    return run(x, tuple(qkvo), e_proj, f_proj)

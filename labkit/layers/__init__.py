@@ -16,11 +16,12 @@ from labkit.layers.dense import DotProductSelfAttention
 from labkit.layers.kernel import KernelSelfAttention
 from labkit.layers.leap import LEAPSelfAttention
 from labkit.layers.linear import LinearSelfAttention
-from labkit.layers.linformer import LinformerSelfAttention
+from labkit.layers.linformer import LinformerProjection, LinformerSelfAttention, linformer_attention_stack
 from labkit.layers.lsh import LSHSelfAttention
 from labkit.layers.memory_efficient import MemoryEfficientSelfAttention
 from labkit.layers.sliding_window import SlidingWindowSelfAttention
 
 __all__ = ["AttentionLayer", "DotProductSelfAttention", "KernelSelfAttention", "LEAPSelfAttention",
-           "LSHSelfAttention", "LinearSelfAttention", "LinformerSelfAttention", "MemoryEfficientSelfAttention",
-           "SlidingWindowSelfAttention", "project_qkv", "refuse"]
+           "LSHSelfAttention", "LinearSelfAttention", "LinformerProjection", "LinformerSelfAttention",
+           "MemoryEfficientSelfAttention", "SlidingWindowSelfAttention", "linformer_attention_stack", "project_qkv",
+           "refuse"]
