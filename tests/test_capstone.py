@@ -172,3 +172,23 @@ def test_causal_language_model_does_not_look_ahead():
         a, b = model(jnp.asarray(tokens)), model(jnp.asarray(changed))
         np.testing.assert_allclose(a[0, :10], b[0, :10], atol=1e-5)
         assert np.abs(np.asarray(a[0, 10:] - b[0, 10:])).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["dense", "linear"])
+def test_predict_twin_decodes_like_the_full_forward(family):
+    """Trax's eval forward over the whole sequence is the reference: the predict-mode twin, fed one token per
+    call, gives the same logits, and greedy generation picks the argmax of the eval model's logits."""
+    from trax import shapes
+
+    from labkit.capstone import generation, models
+
+    shape = dict(d_model=16, n_layers=1, n_heads=2, max_len=8)
+    prompt = jax.random.randint(jax.random.PRNGKey(3), (2, 3), 1, 12)
+    twin = generation.predict_twin(family, 12, batch=2, seed=1, **shape)
+    tokens = generation.generate(twin, np.asarray(prompt), n_new=3)
+    slow = models.language_model(family, 12, mode="eval", **shape)
+    slow.init(shapes.signature(jnp.asarray(tokens)), rng=jax.random.PRNGKey(1))
+    full = np.asarray(jax.jit(slow.pure_fn)(jnp.asarray(tokens), twin.weights, slow.state, jax.random.PRNGKey(0))[0])
+    np.testing.assert_array_equal(tokens[:, :3], prompt)
+    np.testing.assert_allclose(generation.decode(twin, tokens), full, atol=2e-5)
+    np.testing.assert_array_equal(tokens[:, 3:], full[:, 2:-1].argmax(-1))
