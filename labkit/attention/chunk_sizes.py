@@ -15,8 +15,9 @@ import functools
 import json
 import math
 import os
-import platform
 from pathlib import Path
+
+from labkit.machine import cpu_model
 
 FILE_NAME = "chunk_sizes.json"
 
@@ -26,18 +27,6 @@ def cache_dir() -> Path:
     if os.environ.get("LABKIT_CACHE_DIR"):
         return Path(os.environ["LABKIT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labkit"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """This machine's CPU model name (Linux's /proc/cpuinfo, else `platform.processor()`)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def seq_class(seq_len: int) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import Iterable
 
 from labkit.bench.worker import run_in_worker
+from labkit.machine import cpu_model
 
 TARGET = "labkit.capstone.sweep:run_point"
 KEY = ("task", "family", "seq_len", "seed")
@@ -46,17 +46,6 @@ class Settings:
         grid += [("listops", f, n) for n in self.listops_lengths for f in self.listops_families]
         return [dict(base, task=task, family=family, seq_len=n, seed=seed)
                 for task, family, n in grid for seed in self.seeds]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (as `lscpu` prints it), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _task(spec: dict):
@@ -126,7 +115,7 @@ def run_sweep(specs: Iterable[dict], csv_path: Path, *, progress: bool = True, t
         for spec in tqdm(todo, desc="capstone sweep", disable=not progress):
             result = run_in_worker(TARGET, spec, timeout_s=timeout_s)
             outcome = result.value if result.ok else {"error": result.error}
-            writer.writerow({**spec, **outcome, "cpu": cpu_name(), "command": command})
+            writer.writerow({**spec, **outcome, "cpu": cpu_model(), "command": command})
             handle.flush()
     return read_rows(csv_path)
 

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import io
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import nbformat
 
 from labkit.grading import batch
 from labkit.grading.sandbox.runner import Job, Limits, run_submission
+from labkit.machine import cpu_model
 from labkit.release import student_notebook
 
 KINDS = ("solved", "unfilled", "half")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     masters = sorted(args.masters.glob("[0-9][0-9]_*.ipynb"))
     masters = [m for m in masters if not args.labs or m.name[:2] in args.labs]
-    results = {"cpu": platform.processor() or platform.machine(), "jobs": args.jobs, "labs": []}
+    results = {"cpu": cpu_model(), "jobs": args.jobs, "labs": []}
     for master in masters:
         lab = measure_lab(master, args.before, args.after, args.jobs)
         results["labs"].append(lab)
