@@ -27,3 +27,24 @@ def qkv_of_shape(seed, shape: tuple, dv: int | None = None, scale: float = 1.0):
     q, k = (rng.normal(size=shape) * scale for _ in range(2))
     v = rng.normal(size=tuple(shape[:-1]) + (dv or shape[-1],))
     return tuple(a.astype(np.float32) for a in (q, k, v))
+
+
+def momentum_sgd(loss, weights, batches, *, lr: float, momentum: float = 0.9) -> tuple[object, list[float]]:
+    """Minimise `loss(weights, batch)` by SGD with heavy-ball momentum, one jitted step per batch.
+
+    Returns the final weights and the loss before each step.
+    """
+    import jax
+
+    @jax.jit
+    def step(w, m, batch):
+        value, grads = jax.value_and_grad(loss)(w, batch)
+        m = jax.tree_util.tree_map(lambda m, g: momentum * m + g, m, grads)
+        return jax.tree_util.tree_map(lambda w, m: w - lr * m, w, m), m, value
+
+    velocity = jax.tree_util.tree_map(jnp.zeros_like, weights)
+    losses = []
+    for batch in batches:
+        weights, velocity, value = step(weights, velocity, batch)
+        losses.append(float(value))
+    return weights, losses

@@ -6,6 +6,8 @@ import numpy as np
 from trax import layers as tl
 from trax import shapes
 
+from helpers import momentum_sgd
+
 VOCAB = 16
 
 
@@ -30,16 +32,5 @@ def train_recall_lm(make_attention, *, seq: int, steps: int, batch: int = 16) ->
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1)[:, 4:])  # after one period
 
-    @jax.jit
-    def step(weights, momentum, tokens):
-        value, grads = jax.value_and_grad(loss)(weights, tokens)
-        momentum = jax.tree_util.tree_map(lambda m, g: 0.9 * m + g, momentum, grads)
-        return jax.tree_util.tree_map(lambda w, m: w - 0.05 * m, weights, momentum), momentum, value
-
-    weights = model.weights
-    momentum = jax.tree_util.tree_map(jnp.zeros_like, weights)
-    losses = []
-    for i in range(steps):
-        weights, momentum, value = step(weights, momentum, jnp.asarray(data(i)))
-        losses.append(float(value))
+    _, losses = momentum_sgd(loss, model.weights, (jnp.asarray(data(i)) for i in range(steps)), lr=0.05)
     return losses

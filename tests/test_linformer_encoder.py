@@ -11,6 +11,8 @@ from labkit.attention.linformer import k_schedule, linformer_attention, num_proj
 from labkit.layers import LinformerProjection, LinformerSelfAttention
 from labkit.models import LinformerEncoder
 
+from helpers import momentum_sgd
+
 D_MODEL, MAX_LEN, K = 16, 12, 5
 
 
@@ -155,18 +157,7 @@ def test_encoder_trains_on_a_tiny_task():
     def loss(w, key):
         return jnp.mean((model.pure_fn(x, w, model.state, key)[0] - target) ** 2)
 
-    @jax.jit
-    def step(w, m, key):
-        value, g = jax.value_and_grad(loss)(w, key)
-        m = jax.tree_util.tree_map(lambda m, g: 0.9 * m + g, m, g)
-        return jax.tree_util.tree_map(lambda w, m: w - 0.02 * m, w, m), m, value
-
-    w = model.weights
-    m = jax.tree_util.tree_map(jnp.zeros_like, w)
-    losses = []
-    for i in range(30):
-        w, m, value = step(w, m, jax.random.PRNGKey(i))
-        losses.append(float(value))
+    _, losses = momentum_sgd(loss, model.weights, (jax.random.PRNGKey(i) for i in range(30)), lr=0.02)
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
