@@ -7,7 +7,8 @@ front of `sys.meta_path` that mutes stderr only while those noisy packages are f
 
 The same hook repairs one side effect: Trax's `jaxboard` switches matplotlib to its non-display Agg backend on
 import, after which Jupyter silently shows no plots. Once it has loaded, the backend Jupyter chose is restored.
-And once `trax.layers` has loaded, labkit's Trax shims are installed (`labkit.compat.install_trax_shims`: `tie_in`
+`import trax` itself is made lean (`labkit.lean_trax`: Trax's submodules load on first use, not all at once, which
+halves its import time). And once `trax.layers` has loaded, labkit's Trax shims are installed (`labkit.compat.install_trax_shims`: `tie_in`
 and the `fastmath.cond` form predict mode needs), so they hold without importing Trax eagerly.
 """
 
@@ -21,6 +22,8 @@ import logging
 import os
 import sys
 import warnings
+
+from labkit import lean_trax
 
 _NOISY_PACKAGES = frozenset({"tensorflow", "gym", "tensorflow_text", "tensorflow_datasets"})
 _BACKEND_SWITCHERS = frozenset({"trax.jaxboard"})
@@ -83,18 +86,24 @@ class _WrappedLoader(importlib.abc.Loader):
 
 class _ImportHook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
+        if name == "trax":
+            return self._real_spec(name, lean_trax.LeanLoader)
         context = (muted_stderr if name in _NOISY_PACKAGES else
                    kept_matplotlib_backend if name in _BACKEND_SWITCHERS else
                    shims_installed_after if name in _NEEDS_SHIMS else None)
         if context is None:
             return None
-        sys.meta_path.remove(self)  # let the normal finders resolve it
+        return self._real_spec(name, lambda loader: _WrappedLoader(loader, context))
+
+    def _real_spec(self, name, wrap):
+        """The spec the normal finders give `name`, its loader wrapped by `wrap`."""
+        sys.meta_path.remove(self)
         try:
             spec = importlib.util.find_spec(name)
         finally:
             sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            spec.loader = _WrappedLoader(spec.loader, context)
+            spec.loader = wrap(spec.loader)
         return spec
 
 

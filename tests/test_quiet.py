@@ -34,3 +34,25 @@ def test_importing_labkit_or_its_maths_loads_no_framework_and_no_grader(record_p
     import labkit
 
     assert callable(labkit.check) and callable(labkit.use), "the graders load on first use"
+
+
+def _names_trax_init_binds() -> set[str]:
+    """What Trax's own trax/__init__.py binds at top level, read from its source (not from labkit)."""
+    import ast
+    import importlib.util
+
+    source = open(importlib.util.find_spec("trax").origin, encoding="utf-8").read()
+    return {(alias.asname or alias.name).split(".")[0] for node in ast.parse(source).body
+            if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+
+
+def test_import_trax_is_lean_and_binds_what_trax_binds():
+    code = ("import sys, labkit\nfrom trax import layers as tl\nimport trax\n"
+            "print([m for m in ('trax.data', 'trax.models', 'trax.supervised', 'trax.rl', 'gym') if m in sys.modules])\n"
+            "import trax.supervised.lr_schedules as lr, trax.trax2keras as k\n"
+            "assert trax.lr is lr and trax.AsKeras is k.AsKeras and trax.layers is tl\n"
+            "assert trax.models.ReformerLM and trax.data.inputs and trax.optimizers.Adam and trax.shapes.signature\n"
+            "print(sorted(n for n in dir(trax) if not n.startswith('_')))")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0] == "[]", f"`from trax import layers` loaded {lines[0]}"
+    assert _names_trax_init_binds() <= set(eval(lines[1])), "a name trax/__init__.py binds is missing"
