@@ -120,3 +120,27 @@ def kill_descendants(root: int, keep: set[int] = frozenset()) -> int:
         killed += len(pids)
         time.sleep(0.02)
     return killed
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def wait_for_tasks(group: Path | None, keep: set[int], timeout: float) -> bool:
+    """Wait until `group` counts no task beyond the threads of `keep` (killed processes are uncharged only
+    once reaped); False if that did not happen within `timeout` seconds or there is no group."""
+    if group is None:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            current = int((group / "pids.current").read_text())
+        except (OSError, ValueError):
+            return False
+        if current <= sum(_threads(pid) for pid in keep):
+            return True
+        time.sleep(0.02)
+    return False

@@ -235,8 +235,8 @@ def _cell_error(cell: nbformat.NotebookNode) -> str | None:
 class _Kernel:
     """One kernel's lifetime: start, run cells, report death, and be killed for good."""
 
-    def __init__(self, workdir: Path, limits: Limits, token: str, number: int):
-        self.token = token
+    def __init__(self, workdir: Path, limits: Limits, token: str, number: int, cgroup: Path | None = None):
+        self.token, self.cgroup = token, cgroup
         spec_dir, scratch = workdir / "kernels", workdir / "scratch"
         # Unix sockets, not TCP: the kernel has a network namespace of its own, without the grader in it.
         self.km = AsyncKernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(workdir / "ipc" / f"k{number}"),
@@ -278,15 +278,21 @@ class _Kernel:
         return report if isinstance(report, dict) else {}
 
     def stop_children(self) -> None:
-        """Kill what the learner's code started (below the kernel, or orphaned in its namespace)."""
-        if self.process is not None and self.keep:
-            processes.kill_descendants(self.process.pid, self.keep)
-            for pid in _processes_with_token(self.token):
-                if pid not in self.keep:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+        """Kill what the learner's code started (below the kernel, or orphaned in its namespace), and wait
+        until the pids cgroup has room again: the next cell must be able to start threads."""
+        if self.process is None or not self.keep:
+            return
+        killed = processes.kill_descendants(self.process.pid, self.keep)
+        for pid in _processes_with_token(self.token):
+            if pid not in self.keep:
+                killed += 1
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if killed:
+            self.run(_REAP_SOURCE, -1, 30)
+            processes.wait_for_tasks(self.cgroup, self.keep, timeout=10.0)
 
     def run(self, source: str, index: int, timeout: float) -> nbformat.NotebookNode:
         """Execute `source` as cell `index` with `timeout` seconds; raises DeadKernelError if the kernel dies."""
@@ -311,6 +317,9 @@ class _Kernel:
                 self.process.wait(timeout=10)  # reap it: no zombie per submission
             except Exception:  # noqa: BLE001 - already reaped by jupyter_client, or unkillable
                 pass
+
+
+_REAP_SOURCE = '__import__("labkit.grading.sandbox.kernel_side", fromlist=["reap_children"]).reap_children()\n'
 
 
 def _harness_source(job_file: Path) -> str:
@@ -352,6 +361,7 @@ class _State:
     token: str
     deadline: float
     pending: list[tuple[Job, Path, Path]]
+    cgroup: Path | None = None
     execution: Execution = dataclasses.field(default_factory=Execution)
     skip: set[int] = dataclasses.field(default_factory=set)
 
@@ -405,7 +415,7 @@ def _after_death(state: _State, current: list) -> bool:
 def _one_kernel(state: _State, cells: list[tuple[int, str]]) -> bool:
     """Start a kernel and go as far as it lets us; False when no further kernel should be started."""
     execution = state.execution
-    kernel = _Kernel(state.workdir, state.limits, state.token, execution.kernels_started)
+    kernel = _Kernel(state.workdir, state.limits, state.token, execution.kernels_started, state.cgroup)
     timer = threading.Timer(max(state.deadline - time.monotonic(), 0.1),
                             lambda k=kernel: kill_everything(k.pgid, state.token))
     timer.daemon = True
@@ -451,7 +461,7 @@ def run_submission(cells: list[tuple[int, str]], jobs: list[Job], limits: Limits
     started = time.monotonic()
     token = uuid.uuid4().hex
     workdir, cgroup = _make_workdir(limits, token)
-    state = _State(workdir, limits, token, started + limits.notebook_timeout, [])
+    state = _State(workdir, limits, token, started + limits.notebook_timeout, [], cgroup)
     try:
         state.pending = _prepare_jobs(workdir / "scratch", jobs)
         while (state.pending and state.execution.kernels_started < MAX_KERNELS
