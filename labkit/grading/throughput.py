@@ -82,6 +82,8 @@ def measure_lab(master_path: Path, before: int, after: int, jobs: int) -> dict:
     student = master_path.parent / "student" / master_path.name
     result = {"lab": lab, "fixed_cost_s": round(fixed_cost(master_path, lab), 1)}
     for label, count, all_cells in (("before", before, True), ("after", after, False)):
+        if not count:
+            continue
         with tempfile.TemporaryDirectory(prefix="labkit-throughput-") as tmp:
             subs = copies(master_path, count)
             for name, (_, notebook) in subs.items():
@@ -92,7 +94,8 @@ def measure_lab(master_path: Path, before: int, after: int, jobs: int) -> dict:
         result[label] = {"submissions": count, "seconds": round(seconds, 1),
                          "per_submission_s": round(seconds / count, 1),
                          "mean_total": {k: round(sum(v) / len(v), 2) for k, v in kinds.items() if v}}
-    result["speedup"] = round(result["before"]["per_submission_s"] / result["after"]["per_submission_s"], 2)
+    if before and after:
+        result["speedup"] = round(result["before"]["per_submission_s"] / result["after"]["per_submission_s"], 2)
     return result
 
 
@@ -101,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labkit.grading.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--masters", type=Path, default=Path("notebooks"))
     parser.add_argument("--labs", nargs="*", help="lab numbers (default: all)")
-    parser.add_argument("--before", type=int, default=2, help="submissions graded with every cell")
-    parser.add_argument("--after", type=int, default=6, help="submissions graded without skip-grading cells")
+    parser.add_argument("--before", type=int, default=2, help="submissions graded with every cell (0: skip)")
+    parser.add_argument("--after", type=int, default=6, help="submissions graded without skip-grading cells (0: skip)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
