@@ -6,7 +6,9 @@
 * no hint below an exercise's last level contains a line of its solution; every exercise has 3 levels;
 * a plausible wrong answer (zeros of the right shape) fails, names its case and gives one hint;
 * nbval's markers are cell tags, not comments the learner reads; every lab opens with a note for the stuck;
-* the untouched student notebook runs top to bottom without a single error.
+* the untouched student notebook runs top to bottom without a single error; its `skip-grading` cells
+  (measurements, plots) are the master's own, reach an exercise only through `labkit.use`, and so run as in the
+  master, which nbval runs in full: the student run leaves them out.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import pytest
 
 import labkit
 from labkit.grading import registry
-from labkit.notebook import BEGIN_MARKER, END_MARKER, check_calls_in, parse_code
+from labkit.notebook import (BEGIN_MARKER, END_MARKER, SKIP_GRADING_TAG, cell_names, check_calls_in, defined_names,
+                             parse_code)
 
 ROOT = Path(__file__).resolve().parent.parent
 MASTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -218,12 +221,39 @@ def test_a_plausible_wrong_answer_fails_with_one_hint_per_mistake(exercise):
     assert f"labkit.hint({exercise.id!r})" in text
 
 
+def _skipped(cell) -> bool:
+    return cell.cell_type == "code" and SKIP_GRADING_TAG in cell.metadata.get("tags", [])
+
+
+def _names_outside_use(source: str) -> set[str]:
+    """Names a cell reads, leaving out the arguments of its `labkit.use(...)` calls."""
+    tree = parse_code(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("labkit.use", "use"):
+            node.args, node.keywords = [], []
+    return cell_names(ast.unparse(tree))[1]
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_skipped_cells_run_as_in_the_master(lab):
+    master, student = _cells(lab), _cells(lab, student=True)
+    exercise_names = {name for cell in master if cell.cell_type == "code" and BEGIN_MARKER in cell.source
+                      for name in defined_names(cell.source)}
+    by_id = {cell.id: cell for cell in master}
+    skipped = [cell for cell in student if _skipped(cell)]
+    for cell in skipped:
+        assert cell.source == by_id[cell.id].source, f"{lab}: skipped cell {cell.id} differs from the master's"
+        direct = _names_outside_use(cell.source) & exercise_names
+        assert not direct, f"{lab}: skipped cell {cell.id} calls {sorted(direct)} directly, not through labkit.use"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lab", LABS)
 def test_untouched_student_notebook_runs_without_an_error(lab, tmp_path):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(ROOT / "notebooks" / "student" / LABS[lab].name, as_version=4)
+    notebook.cells = [cell for cell in notebook.cells if not _skipped(cell)]  # run in full by nbval, as master
     NotebookClient(notebook, timeout=600, kernel_name="python3", allow_errors=True,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [(i, o.get("ename"), o.get("evalue", "")[:200]) for i, cell in enumerate(notebook.cells)
