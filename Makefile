@@ -34,7 +34,7 @@ browser:
 # (a notebook's cells must share one kernel): the machine's two cores both stay busy.
 test: setup browser
 	$(PY) -m pytest tests notebooks --nbval-lax --ignore=notebooks/student --ignore=tests/fixtures \
-	  --nbval-cell-timeout=300 -n 2 --dist loadfile
+	  --nbval-cell-timeout=300 -n 2 --dist loadfile --durations=40
 
 # A contributor's inner loop: everything but whole-notebook runs, the site and the full batch-grading run.
 test-fast: setup
