@@ -7,6 +7,7 @@ exercise grades). Pure Python: nothing here imports JAX or the graders.
 from __future__ import annotations
 
 import ast
+import threading
 
 BEGIN_MARKER = "### BEGIN SOLUTION"
 END_MARKER = "### END SOLUTION"
@@ -16,12 +17,19 @@ class MarkerError(ValueError):
     """A solution marker that is not alone at the start of its line."""
 
 
+# CPython 3.11 keeps one recursion counter for turning parsed code into `ast` objects per interpreter, not per
+# thread: two threads parsing at once (batch grading with --jobs) can fail with "SystemError: AST constructor
+# recursion depth mismatch" (python/cpython#106905), and a right answer would score 0 as a grader error.
+_PARSE_LOCK = threading.Lock()
+
+
 def parse_code(source: str) -> ast.Module | None:
     """A code cell's syntax tree, IPython magics and shell lines read as `pass`; None if it does not parse."""
     lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
              for line in source.splitlines()]
     try:
-        return ast.parse("\n".join(lines))
+        with _PARSE_LOCK:
+            return ast.parse("\n".join(lines))
     except (SyntaxError, ValueError):
         return None
 
