@@ -202,6 +202,24 @@ def test_custom_backward_skips_the_causal_blocks_above_the_diagonal():
     np.testing.assert_allclose(dq[:, :4], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("t,s,qc,kc,masked", [(64, 64, 16, 16, False), (37, 37, 8, 16, False), (40, 40, 16, 8, False),
+                                           (33, 33, 5, 7, False), (33, 33, 5, 7, True), (20, 20, 32, 32, False)])
+def test_causal_loop_ranges_visit_exactly_the_blocks_the_switch_computes(t, s, qc, kc, masked):
+    # The reference is block_kind, block by block: the ranges must list the same SKIP / PLAIN / MASKED blocks.
+    from labkit.attention.chunked_blocks import MASKED, PLAIN, SKIP, block_kind, key_ranges, make_plan, query_ranges
+
+    qc, kc = min(qc, t), min(kc, s)
+    plan = make_plan(None, jnp.ones((t, s), bool) if masked else None, (1,), 1, t, s, qc, kc, True, True)
+    nq = -(-t // qc)
+    kinds = np.array([[int(block_kind(plan, i, j)) for j in range(plan.nk)] for i in range(nq)])
+    for i in range(nq):
+        n_plain, n_needed = map(int, key_ranges(plan, i))
+        assert list(kinds[i]) == [PLAIN] * n_plain + [MASKED] * (n_needed - n_plain) + [SKIP] * (plan.nk - n_needed)
+    for j in range(plan.nk):
+        first, first_plain = map(int, query_ranges(plan, j, nq))
+        assert list(kinds[:, j]) == [SKIP] * first + [MASKED] * (first_plain - first) + [PLAIN] * (nq - first_plain)
+
+
 def test_custom_backward_keeps_only_inputs_output_and_logsumexp():
     # What jax.vjp's backward function holds: linear in the length for the custom backward, the score blocks
     # of every query chunk (T x S per head) when autodiff goes through the scan without checkpoints.

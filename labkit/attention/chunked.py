@@ -10,8 +10,13 @@ float rounding), and only one `[query_chunk, key_chunk]` block of scores per hea
 Here queries are split into chunks with `lax.map` and keys into chunks with `lax.scan`, arrays are kept
 as `[batch, heads, seq, dim]` inside, the scale is folded into the queries, and blocks that need no mask
 do no mask arithmetic (the block grid: `labkit.attention.chunked_blocks`). With `is_causal=True` key chunks
-entirely above the diagonal are skipped (`lax.switch` runs no computation for them), so causal attention
-costs about half.
+entirely above the diagonal are skipped, so causal attention costs about half: the default path (custom
+backward) loops only over the key chunks each query chunk sees, plain ones then masked ones (`lax.fori_loop`
+with bounds computed from the chunk index), and never visits the others; the autodiff path
+(`custom_backward=False`), which needs loops of fixed length, switches per block (`lax.switch`). Measured on
+a 2-core AMD EPYC (4 heads, dim 64, 512 x 512 blocks, seq 4,096, best of 5 interleaved calls), causal time
+over non-causal went from 0.65 to 0.58 (forward) and from 0.66 to 0.57 (forward + backward) with the loops;
+with 8 x 8 blocks, 36 of 64 are computed (0.56).
 
 Gradients (`custom_backward=True`, the default): FlashAttention-2's backward (Dao 2023), a `jax.custom_vjp`
 in `labkit.attention.chunked_backward`. The forward pass saves only its output and each row's log-sum-exp
@@ -57,7 +62,7 @@ from labkit.attention import chunked_backward, online_softmax
 from labkit.attention._validate import check_qkv, default_scale, positive_int
 from labkit.attention.chunk_sizes import tuned_chunk_sizes
 from labkit.attention.chunked_blocks import (MASKED, PLAIN, SKIP, Plan, block_kind, block_scores, from_chunks,
-                                             make_plan, switch_on_block, to_chunks)
+                                             key_ranges, make_plan, switch_on_block, to_chunks, uses_ranges)
 from labkit.attention.online_softmax import SoftmaxState
 
 DEFAULT_QUERY_CHUNK_SIZE = 512
@@ -126,11 +131,16 @@ def chunk_sizes_for(q_len: int, kv_len: int, head_dim: int, query_chunk_size: in
     return query_chunk_size, key_chunk_size
 
 
-def forward(plan: Plan, q_chunks, k_chunks, v_chunks, checkpoint: bool = False):
-    """`(out [nq, B, N, qc, Hv], lse [nq, B, N, qc])` of all query chunks; `lse` is +inf where no key was seen."""
+def forward(plan: Plan, q_chunks, k_chunks, v_chunks, checkpoint: bool = False, differentiable: bool = True):
+    """`(out [nq, B, N, qc, Hv], lse [nq, B, N, qc])` of all query chunks; `lse` is +inf where no key was seen.
+
+    `differentiable=False` (the custom backward's forward, never differentiated by JAX) lets causal attention
+    loop over only the key chunks each query chunk needs, plain ones then masked ones, with no per-block switch.
+    """
     mean_v = None if plan.mask is None else jnp.mean(from_chunks(v_chunks, plan.kv_len), axis=2)  # [B, N, Hv]
     step = jax.checkpoint(_key_step, prevent_cse=False, static_argnums=(0,)) if checkpoint else _key_step
-    one_chunk = functools.partial(_query_chunk, plan, step, k_chunks, v_chunks, mean_v)
+    keys = _needed_keys if not differentiable and uses_ranges(plan) else _all_keys
+    one_chunk = functools.partial(_query_chunk, plan, keys, step, k_chunks, v_chunks, mean_v)
     if checkpoint:
         one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
     return lax.map(one_chunk, (jnp.arange(q_chunks.shape[0]), q_chunks))
@@ -143,12 +153,30 @@ def _key_step(plan: Plan, q_blk, i, state: SoftmaxState, xs) -> tuple[SoftmaxSta
     return switch_on_block(plan, i, j, add, state), None
 
 
-def _query_chunk(plan: Plan, step, k_chunks, v_chunks, mean_v, xs):
-    """`(out [B, N, qc, Hv], lse [B, N, qc])` of query chunk i: a scan over the key chunks, then the normalisation."""
+def _all_keys(plan: Plan, step, q_blk, i, k_chunks, v_chunks, state: SoftmaxState) -> SoftmaxState:
+    """Every key chunk folded into query chunk i's softmax: a scan, each block skipped, plain or masked."""
+    state, _ = lax.scan(lambda st, x: step(plan, q_blk, i, st, x), state, (jnp.arange(plan.nk), k_chunks, v_chunks))
+    return state
+
+
+def _needed_keys(plan: Plan, step, q_blk, i, k_chunks, v_chunks, state: SoftmaxState) -> SoftmaxState:
+    """Causal: only the key chunks query chunk i sees, the plain ones then the masked ones (dynamic bounds)."""
+    def fold(masked):
+        def body(j, st):
+            k_blk, v_blk = (lax.dynamic_index_in_dim(x, j, keepdims=False) for x in (k_chunks, v_chunks))
+            return online_softmax.update(st, block_scores(plan, q_blk, k_blk, i, j, masked), v_blk)
+        return body
+
+    n_plain, n_needed = key_ranges(plan, i)
+    state = lax.fori_loop(0, n_plain, fold(False), state)
+    return lax.fori_loop(n_plain, n_needed, fold(True), state)
+
+
+def _query_chunk(plan: Plan, keys, step, k_chunks, v_chunks, mean_v, xs):
+    """`(out [B, N, qc, Hv], lse [B, N, qc])` of query chunk i: its key chunks folded in, then the normalisation."""
     i, q_blk = xs
     init = online_softmax.init_state(q_blk.shape[:-1], v_chunks.shape[-1])
-    state, _ = lax.scan(lambda st, x: step(plan, q_blk, i, st, x), init,
-                        (jnp.arange(plan.nk), k_chunks, v_chunks))
+    state = keys(plan, step, q_blk, i, k_chunks, v_chunks, init)
     out, lse = online_softmax.finalize(state)
     if mean_v is None:
         return out, lse
@@ -161,11 +189,11 @@ def _query_chunk(plan: Plan, step, k_chunks, v_chunks, mean_v, xs):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(plan: Plan, q_chunks, k_chunks, v_chunks, bias, mask) -> jnp.ndarray:
     """Output chunks `[nq, B, N, qc, Hv]`; differentiated by `chunked_backward.gradients`."""
-    return forward(plan._replace(bias=bias, mask=mask), q_chunks, k_chunks, v_chunks)[0]
+    return forward(plan._replace(bias=bias, mask=mask), q_chunks, k_chunks, v_chunks, differentiable=False)[0]
 
 
 def _attend_fwd(plan: Plan, q_chunks, k_chunks, v_chunks, bias, mask):
-    out, lse = forward(plan._replace(bias=bias, mask=mask), q_chunks, k_chunks, v_chunks)
+    out, lse = forward(plan._replace(bias=bias, mask=mask), q_chunks, k_chunks, v_chunks, differentiable=False)
     return out, (q_chunks, k_chunks, v_chunks, bias, mask, out, lse)  # all linear in the length
 
 

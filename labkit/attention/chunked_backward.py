@@ -12,9 +12,11 @@ so the backward pass never differentiates the forward's running rescaling. With 
 and `dbias` gets `dS` (summed over the axes the bias broadcasts along). The queries arrive with the scale
 already folded in (`chunked.to_chunks`), so autodiff of that fold applies it to `dQ`; `dK += dS^T (Q * scale)`.
 
-Loops: a `lax.scan` over key chunks j (carrying `dQ`, and `dbias` if there is a bias) around a `lax.scan` over
-query chunks i (carrying `dK_j`, `dV_j`); each block is skipped, computed plainly or masked exactly as in the
-forward pass (`chunked_blocks.switch_on_block`), so causal attention skips the same blocks. Five block-sized
+Loops: a `lax.scan` over key chunks j (carrying `dQ`, and `dbias` if there is a bias) around a loop over
+query chunks i (carrying `dK_j`, `dV_j`). Causal attention loops only over the query chunks that see key chunk j,
+the masked ones then the plain ones (`chunked_blocks.query_ranges`, dynamic bounds), as the forward loops over
+the key chunks each query chunk sees; otherwise a `lax.scan` visits every block, plain or masked as the
+forward pass does (`chunked_blocks.switch_on_block`). Five block-sized
 matrix products per computed block, against the forward's two. Memory: one block of scores and its gradient,
 plus `dQ`, `dK`, `dV` (and `dbias`, the size of the bias): linear in the length.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from labkit.attention.chunked_blocks import Plan, block_scores, switch_on_block
+from labkit.attention.chunked_blocks import Plan, block_scores, query_ranges, switch_on_block, uses_ranges
 
 
 def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tuple:
@@ -45,7 +47,14 @@ def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tupl
     def key_chunk(carry, xs):
         j, k_blk, v_blk = xs
         init = (*carry, jnp.zeros_like(k_blk), jnp.zeros_like(v_blk))
-        (dq, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None), init, rows)
+        if uses_ranges(plan):  # causal: only the query chunks that see key chunk j, masked ones then plain ones
+            first, first_plain = query_ranges(plan, j, q_chunks.shape[0])
+            grads = lax.fori_loop(first, first_plain, _row_step(plan, j, k_blk, v_blk, rows, True), init)
+            dq, dbias, dk, dv = lax.fori_loop(first_plain, q_chunks.shape[0],
+                                              _row_step(plan, j, k_blk, v_blk, rows, False), grads)
+        else:
+            (dq, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None), init,
+                                              rows)
         return (dq, dbias), (dk, dv)
 
     dbias = None if plan.bias is None else jnp.zeros_like(plan.bias)
@@ -58,24 +67,34 @@ def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tupl
 
 def _block_step(plan: Plan, j, k_blk, v_blk, carry, row):
     """Block (query chunk i, key chunk j) added to `(dq, dbias, dk_j, dv_j)`: skipped, plain or masked."""
+    return switch_on_block(plan, row[0], j, lambda grads, masked: _add_block(plan, j, k_blk, v_blk, grads, row, masked),
+                           carry)
+
+
+def _row_step(plan: Plan, j, k_blk, v_blk, rows, masked: bool):
+    """`fori_loop` body: query chunk i's block against key chunk j, `masked` or plain, added to the gradients."""
+    def body(i, grads):
+        row = tuple(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in rows)
+        return _add_block(plan, j, k_blk, v_blk, grads, row, masked)
+    return body
+
+
+def _add_block(plan: Plan, j, k_blk, v_blk, grads, row, masked: bool):
+    """`(dq, dbias, dk_j, dv_j)` plus block (i, j)'s share, from its recomputed softmax weights."""
     i, q_blk, do_blk, lse_blk, delta_blk = row
-
-    def add(grads, masked):
-        dq, dbias, dk, dv = grads
-        s = block_scores(plan, q_blk, k_blk, i, j, masked)
-        p = jnp.exp(s - lse_blk[..., None])  # the normalised weights, recomputed: no running rescaling
-        dv = dv + jnp.einsum("bnqk,bnqh->bnkh", p, do_blk, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bnqh,bnkh->bnqk", do_blk, v_blk, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_blk[..., None])
-        dq_i = lax.dynamic_index_in_dim(dq, i, keepdims=False)  # an in-place update of the carry, not a scatter
-        dq_i = dq_i + jnp.einsum("bnqk,bnkh->bnqh", ds, k_blk, preferred_element_type=jnp.float32)
-        dq = lax.dynamic_update_index_in_dim(dq, dq_i, i, 0)
-        dk = dk + jnp.einsum("bnqk,bnqh->bnkh", ds, q_blk, preferred_element_type=jnp.float32)
-        if dbias is not None:
-            dbias = _add_bias_block(plan, dbias, ds, i, j)
-        return dq, dbias, dk, dv
-
-    return switch_on_block(plan, i, j, add, carry)
+    dq, dbias, dk, dv = grads
+    s = block_scores(plan, q_blk, k_blk, i, j, masked)
+    p = jnp.exp(s - lse_blk[..., None])  # the normalised weights, recomputed: no running rescaling
+    dv = dv + jnp.einsum("bnqk,bnqh->bnkh", p, do_blk, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bnqh,bnkh->bnqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_blk[..., None])
+    dq_i = lax.dynamic_index_in_dim(dq, i, keepdims=False)  # an in-place update of the carry, not a scatter
+    dq_i = dq_i + jnp.einsum("bnqk,bnkh->bnqh", ds, k_blk, preferred_element_type=jnp.float32)
+    dq = lax.dynamic_update_index_in_dim(dq, dq_i, i, 0)
+    dk = dk + jnp.einsum("bnqk,bnqh->bnkh", ds, q_blk, preferred_element_type=jnp.float32)
+    if dbias is not None:
+        dbias = _add_bias_block(plan, dbias, ds, i, j)
+    return dq, dbias, dk, dv
 
 
 def _add_bias_block(plan: Plan, dbias, ds, i, j):

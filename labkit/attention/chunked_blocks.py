@@ -132,6 +132,33 @@ def block_kind(plan: Plan, i, j):
     return jnp.where(needs_mask, MASKED, PLAIN)
 
 
+def key_ranges(plan: Plan, i) -> tuple:
+    """Causal query chunk i: `(n_plain, n_needed)`: key chunks `[0, n_plain)` need no mask, `[n_plain, n_needed)`
+    are masked, the rest are above the diagonal (traced ints; the same kinds as `block_kind`)."""
+    n_needed = jnp.minimum((i * plan.qc + plan.qc - 1) // plan.kc + 1, plan.nk)
+    n_plain = 0 if plan.mask is not None else jnp.minimum((i * plan.qc + 1) // plan.kc, n_needed)
+    if plan.keys_padded:
+        n_plain = jnp.minimum(n_plain, plan.nk - 1)
+    return n_plain, n_needed
+
+
+def query_ranges(plan: Plan, j, nq: int) -> tuple:
+    """Causal key chunk j: `(first, first_plain)`: query chunks `[first, first_plain)` see it masked,
+    `[first_plain, nq)` plainly, those before `first` not at all (traced ints; as `block_kind`)."""
+    first = jnp.minimum((j * plan.kc) // plan.qc, nq)
+    first_plain = jnp.clip((j * plan.kc + plan.kc - 1 + plan.qc - 1) // plan.qc, first, nq)
+    if plan.mask is not None:
+        first_plain = nq
+    if plan.keys_padded:
+        first_plain = jnp.where(j == plan.nk - 1, nq, first_plain)
+    return first, first_plain
+
+
+def uses_ranges(plan: Plan) -> bool:
+    """Whether causal loops can run over `key_ranges`/`query_ranges` instead of switching on every block."""
+    return plan.is_causal and not plan.always_masked
+
+
 def switch_on_block(plan: Plan, i, j, compute, carry):
     """`compute(carry, masked)` for block (i, j), skipped (carry unchanged), plain or masked as the plan says."""
     if plan.never_masked or plan.always_masked:

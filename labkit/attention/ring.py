@@ -235,14 +235,24 @@ def sharded_ring_attention(query, key, value, bias=None, mask=None, *, is_causal
         x = jnp.pad(x, ((0, 0), (0, padded_len - seq), (0, 0), (0, 0)))
         return jnp.take(x, order, axis=1)
 
+    program = _sharded_program(mesh, axis_name, is_causal, None if scale is None else float(scale), layout, seq)
+    out, work = program(arrange(query), arrange(key), arrange(value))
+    out = jnp.take(out, np.argsort(order), axis=1)[:, :seq].reshape(tuple(batch) + (seq, heads, value.shape[-1]))
+    return (out, work) if return_work else out
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_program(mesh: jax.sharding.Mesh, axis_name: str, is_causal: bool, scale: float | None, layout: str,
+                     seq: int):
+    """The jitted `shard_map` of `ring_attention` for these settings: `[B, T', N, H]` x3 -> `(out, work [P])`.
+
+    Cached, so that calling `sharded_ring_attention` again with the same settings and shapes compiles nothing.
+    """
     spec = PartitionSpec(None, axis_name)
     local = functools.partial(ring_attention, axis_name=axis_name, is_causal=is_causal, scale=scale, layout=layout,
                               seq_len=seq, return_work=True)
-    out, work = jax.shard_map(lambda q, k, v: (lambda o, w: (o, w[None]))(*local(q, k, v)), mesh=mesh,
-                              in_specs=(spec, spec, spec), out_specs=(spec, PartitionSpec(axis_name)))(
-        arrange(query), arrange(key), arrange(value))
-    out = jnp.take(out, np.argsort(order), axis=1)[:, :seq].reshape(tuple(batch) + (seq, heads, value.shape[-1]))
-    return (out, work) if return_work else out
+    return jax.jit(jax.shard_map(lambda q, k, v: (lambda o, w: (o, w[None]))(*local(q, k, v)), mesh=mesh,
+                                 in_specs=(spec, spec, spec), out_specs=(spec, PartitionSpec(axis_name))))
 
 
 def memory_model(problem, options: dict) -> int:
