@@ -36,23 +36,17 @@ class LEAPSelfAttention(AttentionLayer):
     """
 
     unsupported = ("share_qk",)
+    decodes = "recurrent"  # the adapter builds predict mode as an eval layer with a state of LEAP summaries
 
     def __init__(self, *args, window: int | None = None, rescale: float | None = None,
                  position_embedding: str = "none", **kwargs):
-        # Trax's own predict mode keeps a cache of past inputs (and needs chunk_len); LEAP keeps its recurrent
-        # state instead, so the parent is built for evaluation (no dropout) and the mode is restored after.
-        predict = kwargs.get("mode", "train") == "predict"
-        if predict:
-            kwargs["mode"] = "eval"
         super().__init__(*args, **kwargs)
         if self._chunk_len is not None or self._n_chunks_before or self._n_chunks_after:
             raise ValueError("LEAPSelfAttention takes window=..., not chunk_len/n_chunks_before/n_chunks_after")
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
-        if not self._causal and (predict or position_embedding == "alibi"):
-            raise ValueError("LEAPSelfAttention: mode='predict' and position_embedding='alibi' need causal=True")
-        if predict:
-            self._mode = "predict"
+        if not self._causal and position_embedding == "alibi":
+            raise ValueError("LEAPSelfAttention: position_embedding='alibi' needs causal=True")
         self._window = window
         self._rescale = rescale
         self._position_embedding = position_embedding
@@ -71,20 +65,19 @@ class LEAPSelfAttention(AttentionLayer):
             return (w_q, w_f, w_k, w_v, w_o, zeros, zeros, zeros, jnp.zeros(self._d_v))
         return (w_q, w_f, w_k, w_v, w_o)
 
+    def init_decoding_state(self) -> tuple:
+        """One example's, one head's LEAP summary before any token (`leap.init_state`), as a tuple."""
+        return tuple(init_state((), 1, self._d_qk, self._d_v, window=self._window))
+
     def init_weights_and_state(self, input_signature):
         """Trax's weights; state per (example, head), stacked `[B * N, ...]`: the ALiBi slope, then the
         recurrent LEAP state in predict mode; `()` when neither is needed (as in `tl.SelfAttention`)."""
-        super().init_weights_and_state(input_signature)
-        if self._mode != "predict" and self._position_embedding != "alibi":
+        super().init_weights_and_state(input_signature)  # the recurrent states, stacked by Trax
+        if not self._decodes_recurrently and self._position_embedding != "alibi":
             return
         x = input_signature[0] if isinstance(input_signature, (tuple, list)) else input_signature
         rows = int(x.shape[0]) * self._n_heads  # Trax's order: index = example * n_heads + head
-        slopes = jnp.tile(alibi_slopes(self._n_heads), rows // self._n_heads)
-        recurrent = ()
-        if self._mode == "predict":
-            one = init_state((), 1, self._d_qk, self._d_v, window=self._window)
-            recurrent = tuple(jnp.broadcast_to(a, (rows,) + a.shape) for a in one)
-        self.state = (slopes,) + recurrent
+        self.state = (jnp.tile(alibi_slopes(self._n_heads), rows // self._n_heads),) + tuple(self.state)
 
     def forward(self, inputs):
         """Trax's forward, after checking that a per-example state matches the batch."""
@@ -135,7 +128,7 @@ class LEAPSelfAttention(AttentionLayer):
         _, output_rng = jax.random.split(rng)  # Trax's split, so dropout masks agree
         q, f, k, v, w_o = self._project(x, weights)
         slope = state[0][None] if self._position_embedding == "alibi" else None  # this head's slope, [N=1]
-        if self._mode == "predict":
+        if self._decodes_recurrently:
             o, recurrent = self._decode(q, f, k, v, mask, slope, state[1:])
             state = (state[0],) + recurrent
         else:
