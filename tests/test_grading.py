@@ -195,3 +195,14 @@ def test_equivalent_correct_formulations_all_pass():
     for fn in (scale_queries_first, float64_numpy, einsum_then_scale):
         report = labkit.check(EX, fn)
         assert report.passed, report.text()
+
+
+def test_every_case_input_travels_to_a_learner_kernel():
+    # Batch grading pickles each case's inputs into the submission's kernel: a lambda there (lab 08 once had
+    # two) made `labkit grade` fail on every submission of that lab.
+    import pickle
+
+    for exercise in registry().values():
+        for case in exercise.cases:
+            args, kwargs = pickle.loads(pickle.dumps(case.inputs()))
+            assert isinstance(args, tuple) and isinstance(kwargs, dict), (exercise.id, case.name)

@@ -17,10 +17,20 @@ ANSWERED_BY_REVERSIBLE = ("labkit.capstone.reversible.reversible_forward",
                           "labkit.capstone.reversible.reversible_stack")
 
 
+class _Residual:
+    """A seeded residual function `[..., d] -> [..., d]`: `tanh(x @ matrix) + shift`. A class, not a lambda,
+    so that batch grading can pickle it into the learner's kernel."""
+
+    def __init__(self, matrix: np.ndarray, shift: float):
+        self.matrix, self.shift = matrix, shift
+
+    def __call__(self, x):
+        return np.tanh(np.asarray(x) @ self.matrix) + self.shift
+
+
 def _blocks(seed: int, d: int, scale: float):
     """Two seeded residual functions `F, G: [..., d] -> [..., d]` (tanh of a linear map, plus a shift)."""
-    a, b = _normal(seed, d, d, scale=scale), _normal(seed + 1, d, d, scale=scale)
-    return (lambda x: np.tanh(np.asarray(x) @ a) + 0.5), (lambda x: np.tanh(np.asarray(x) @ b) - 0.25)
+    return _Residual(_normal(seed, d, d, scale=scale), 0.5), _Residual(_normal(seed + 1, d, d, scale=scale), -0.25)
 
 
 # ---------------------------------------------------------------- 8.1 reversible forward
