@@ -139,8 +139,8 @@ def forward(plan: Plan, q_chunks, k_chunks, v_chunks, checkpoint: bool = False, 
     """
     mean_v = None if plan.mask is None else jnp.mean(from_chunks(v_chunks, plan.kv_len), axis=2)  # [B, N, Hv]
     step = jax.checkpoint(_key_step, prevent_cse=False, static_argnums=(0,)) if checkpoint else _key_step
-    keys = _needed_keys if not differentiable and uses_ranges(plan) else _all_keys
-    one_chunk = functools.partial(_query_chunk, plan, keys, step, k_chunks, v_chunks, mean_v)
+    keys = _needed_keys if not differentiable and uses_ranges(plan) else functools.partial(_all_keys, step=step)
+    one_chunk = functools.partial(_query_chunk, plan, keys, k_chunks, v_chunks, mean_v)
     if checkpoint:
         one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
     return lax.map(one_chunk, (jnp.arange(q_chunks.shape[0]), q_chunks))
@@ -153,13 +153,13 @@ def _key_step(plan: Plan, q_blk, i, state: SoftmaxState, xs) -> tuple[SoftmaxSta
     return switch_on_block(plan, i, j, add, state), None
 
 
-def _all_keys(plan: Plan, step, q_blk, i, k_chunks, v_chunks, state: SoftmaxState) -> SoftmaxState:
+def _all_keys(plan: Plan, q_blk, i, k_chunks, v_chunks, state: SoftmaxState, *, step) -> SoftmaxState:
     """Every key chunk folded into query chunk i's softmax: a scan, each block skipped, plain or masked."""
     state, _ = lax.scan(lambda st, x: step(plan, q_blk, i, st, x), state, (jnp.arange(plan.nk), k_chunks, v_chunks))
     return state
 
 
-def _needed_keys(plan: Plan, step, q_blk, i, k_chunks, v_chunks, state: SoftmaxState) -> SoftmaxState:
+def _needed_keys(plan: Plan, q_blk, i, k_chunks, v_chunks, state: SoftmaxState) -> SoftmaxState:
     """Causal: only the key chunks query chunk i sees, the plain ones then the masked ones (dynamic bounds)."""
     def fold(masked):
         def body(j, st):
@@ -172,11 +172,11 @@ def _needed_keys(plan: Plan, step, q_blk, i, k_chunks, v_chunks, state: SoftmaxS
     return lax.fori_loop(n_plain, n_needed, fold(True), state)
 
 
-def _query_chunk(plan: Plan, keys, step, k_chunks, v_chunks, mean_v, xs):
+def _query_chunk(plan: Plan, keys, k_chunks, v_chunks, mean_v, xs):
     """`(out [B, N, qc, Hv], lse [B, N, qc])` of query chunk i: its key chunks folded in, then the normalisation."""
     i, q_blk = xs
     init = online_softmax.init_state(q_blk.shape[:-1], v_chunks.shape[-1])
-    state = keys(plan, step, q_blk, i, k_chunks, v_chunks, init)
+    state = keys(plan, q_blk, i, k_chunks, v_chunks, init)
     out, lse = online_softmax.finalize(state)
     if mean_v is None:
         return out, lse
