@@ -12,6 +12,14 @@ so the backward pass never differentiates the forward's running rescaling. With 
 and `dbias` gets `dS` (summed over the axes the bias broadcasts along). The queries arrive with the scale
 already folded in (`chunked.to_chunks`), so autodiff of that fold applies it to `dQ`; `dK += dS^T (Q * scale)`.
 
+Layout: the block's scores are computed transposed, `S^T = K_j Q_i^T` `[kc, qc]` (`block_scores(...,
+transposed=True)`), `dQ_i` is accumulated transposed, `dQ_i^T += K_j^T dS^T`, and every other product reads
+`P^T` and `dS^T` as they are stored: no product contracts along the first axis of a stored block. XLA's CPU
+backend runs such a product (`P^T dO` with `P` stored `[qc, kc]`) off its fast path: on a 2-core AMD EPYC
+(Zen 4) a `[512, 512] x [512, 64]` product per head took 55-60 GFLOP/s that way against 117-137 GFLOP/s
+stored the other way round, and this layout took the backward pass from 3.3x to 2.3x the forward's time
+(seq 4,096, 4 heads, dim 64); it moved forward + backward from 1.26x torch's time to 1.01x.
+
 Loops: a `lax.scan` over key chunks j (carrying `dQ`, and `dbias` if there is a bias) around a loop over
 query chunks i (carrying `dK_j`, `dV_j`). Causal attention loops only over the query chunks that see key chunk j,
 the masked ones then the plain ones (`chunked_blocks.query_ranges`, dynamic bounds), as the forward loops over
@@ -50,16 +58,17 @@ def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tupl
         if uses_ranges(plan):  # causal: only the query chunks that see key chunk j, masked ones then plain ones
             first, first_plain = query_ranges(plan, j, q_chunks.shape[0])
             grads = lax.fori_loop(first, first_plain, _row_step(plan, j, k_blk, v_blk, rows, True), init)
-            dq, dbias, dk, dv = lax.fori_loop(first_plain, q_chunks.shape[0],
+            dqt, dbias, dk, dv = lax.fori_loop(first_plain, q_chunks.shape[0],
                                               _row_step(plan, j, k_blk, v_blk, rows, False), grads)
         else:
-            (dq, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None), init,
+            (dqt, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None), init,
                                               rows)
-        return (dq, dbias), (dk, dv)
+        return (dqt, dbias), (dk, dv)
 
     dbias = None if plan.bias is None else jnp.zeros_like(plan.bias)
-    (dq, dbias), (dk, dv) = lax.scan(key_chunk, (jnp.zeros_like(q_chunks), dbias),
-                                     (jnp.arange(plan.nk), k_chunks, v_chunks))
+    dqt = jnp.zeros(q_chunks.shape[:-2] + q_chunks.shape[-1:] + q_chunks.shape[-2:-1], q_chunks.dtype)
+    (dqt, dbias), (dk, dv) = lax.scan(key_chunk, (dqt, dbias), (jnp.arange(plan.nk), k_chunks, v_chunks))
+    dq = jnp.swapaxes(dqt, -1, -2)  # [nq, B, N, H, qc] -> [nq, B, N, qc, H]
     if plan.mask is not None:
         dv = dv + _mean_value_gradient(plan, lse, d_out)
     return dq, dk, dv, dbias
@@ -80,21 +89,26 @@ def _row_step(plan: Plan, j, k_blk, v_blk, rows, masked: bool):
 
 
 def _add_block(plan: Plan, j, k_blk, v_blk, grads, row, masked: bool):
-    """`(dq, dbias, dk_j, dv_j)` plus block (i, j)'s share, from its recomputed softmax weights."""
+    """`(dq^T, dbias, dk_j, dv_j)` plus block (i, j)'s share, from its recomputed softmax weights.
+
+    Everything block-sized is held transposed, `[B, N, kc, qc]`, so that every product contracts along a row
+    of a stored block (see the module docstring); `dq^T` is `[nq, B, N, H, qc]` and `kt_blk` `[B, N, H, kc]`.
+    """
     i, q_blk, do_blk, lse_blk, delta_blk = row
-    dq, dbias, dk, dv = grads
-    s = block_scores(plan, q_blk, k_blk, i, j, masked)
-    p = jnp.exp(s - lse_blk[..., None])  # the normalised weights, recomputed: no running rescaling
-    dv = dv + jnp.einsum("bnqk,bnqh->bnkh", p, do_blk, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bnqh,bnkh->bnqk", do_blk, v_blk, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_blk[..., None])
-    dq_i = lax.dynamic_index_in_dim(dq, i, keepdims=False)  # an in-place update of the carry, not a scatter
-    dq_i = dq_i + jnp.einsum("bnqk,bnkh->bnqh", ds, k_blk, preferred_element_type=jnp.float32)
-    dq = lax.dynamic_update_index_in_dim(dq, dq_i, i, 0)
-    dk = dk + jnp.einsum("bnqk,bnqh->bnkh", ds, q_blk, preferred_element_type=jnp.float32)
+    dqt, dbias, dk, dv = grads
+    kt_blk = jnp.swapaxes(k_blk, -1, -2)
+    st = block_scores(plan, q_blk, k_blk, i, j, masked, transposed=True)  # S^T [B, N, kc, qc]
+    pt = jnp.exp(st - lse_blk[..., None, :])  # the normalised weights, recomputed: no running rescaling
+    dv = dv + jnp.einsum("bnkq,bnqh->bnkh", pt, do_blk, preferred_element_type=jnp.float32)
+    dpt = jnp.einsum("bnkh,bnqh->bnkq", v_blk, do_blk, preferred_element_type=jnp.float32)
+    dst = pt * (dpt - delta_blk[..., None, :])
+    dqt_i = lax.dynamic_index_in_dim(dqt, i, keepdims=False)  # an in-place update of the carry, not a scatter
+    dqt_i = dqt_i + jnp.einsum("bnhk,bnkq->bnhq", kt_blk, dst, preferred_element_type=jnp.float32)
+    dqt = lax.dynamic_update_index_in_dim(dqt, dqt_i, i, 0)
+    dk = dk + jnp.einsum("bnkq,bnqh->bnkh", dst, q_blk, preferred_element_type=jnp.float32)
     if dbias is not None:
-        dbias = _add_bias_block(plan, dbias, ds, i, j)
-    return dq, dbias, dk, dv
+        dbias = _add_bias_block(plan, dbias, jnp.swapaxes(dst, -1, -2), i, j)
+    return dqt, dbias, dk, dv
 
 
 def _add_bias_block(plan: Plan, dbias, ds, i, j):

@@ -101,23 +101,29 @@ def make_plan(bias, mask, batch_shape: tuple, heads: int, q_len: int, kv_len: in
     return Plan(qc, kc, k_pad // kc, kv_len, is_causal, bias_op, mask_op, keys_padded, never_masked, always_masked)
 
 
-def block_scores(plan: Plan, q_blk, k_blk, i, j, masked: bool) -> jnp.ndarray:
-    """Scores `[B, N, qc, kc]` of query chunk i against key chunk j; hidden ones `LARGE_NEGATIVE` if `masked`."""
-    s = jnp.einsum("bnqh,bnkh->bnqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+def block_scores(plan: Plan, q_blk, k_blk, i, j, masked: bool, *, transposed: bool = False) -> jnp.ndarray:
+    """Scores `[B, N, qc, kc]` of query chunk i against key chunk j; hidden ones `LARGE_NEGATIVE` if `masked`.
+
+    `transposed=True` returns the same scores as `[B, N, kc, qc]`, computed in that layout (not transposed
+    afterwards): the backward pass's products with them then all contract along a row (see chunked_backward).
+    """
+    spec = "bnkh,bnqh->bnkq" if transposed else "bnqh,bnkh->bnqk"
+    s = jnp.einsum(spec, *((k_blk, q_blk) if transposed else (q_blk, k_blk)), preferred_element_type=jnp.float32)
+    orient = (lambda x: jnp.swapaxes(x, -1, -2)) if transposed else (lambda x: x)
     b = operand_block(plan.bias, i * plan.qc, plan.qc, j * plan.kc, plan.kc)
     if b is not None:
-        s = s + b
+        s = s + orient(b)
     if not masked:
         return s
     q_pos = i * plan.qc + jnp.arange(plan.qc)[:, None]
     k_pos = j * plan.kc + jnp.arange(plan.kc)[None, :]
     keep = k_pos < plan.kv_len
     if plan.is_causal:
-        keep = keep & (k_pos <= q_pos)
+        keep = keep & (k_pos <= q_pos)  # [qc, kc]
     m = operand_block(plan.mask, i * plan.qc, plan.qc, j * plan.kc, plan.kc)
     if m is not None:
         keep = keep & m
-    return jnp.where(keep, s, LARGE_NEGATIVE)
+    return jnp.where(orient(keep), s, LARGE_NEGATIVE)
 
 
 def block_kind(plan: Plan, i, j):
