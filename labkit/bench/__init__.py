@@ -6,8 +6,10 @@ What a point measures (inputs `[batch, seq, heads, head_dim]` float32, keys as l
 - dense-equivalent GFLOP/s (`gflops` in the JSON): `4 b N T S H` flops forward (two matmuls), x2.5 with the
   backward pass, halved when causal, whatever the implementation really computes; the table shows time per
   token instead, which means the same for every family;
-- peak extra memory: the resident-set high-water mark during the warm-up and timed calls minus the resident
-  set just before them (`memory.PeakMemory`). Inputs and compiled code are not counted; the output buffer is.
+- peak extra memory: the resident-set high-water mark during the first call minus the resident set just
+  before it (`memory.PeakMemory`; `peak_extra_mib`, the table's `peak MiB`), and the same over every call
+  (`steady_extra_mib`, `all MiB`), which also holds what the C allocator kept cached between calls. Inputs
+  and compiled code are not counted; the output buffer is.
 
 Modules, one job each: `worker` (run a function in a fresh process: every measurement in labkit uses it),
 `memory` (peak resident memory), `implementations` (what can be measured: every registered attention family,

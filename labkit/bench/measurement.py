@@ -23,7 +23,8 @@ class Measurement:
     time_s: float | None = None
     times_s: list = dataclasses.field(default_factory=list)
     gflops: float | None = None
-    peak_extra_mib: float | None = None
+    peak_extra_mib: float | None = None  # the first call's high-water mark
+    steady_extra_mib: float | None = None  # over all calls, the allocator's cache included
     need_mib: float | None = None
     available_mib: float | None = None
     memory_method: str | None = None

@@ -11,11 +11,11 @@ def variant(m: Measurement) -> str:
 
 
 def table(results: list[Measurement], baseline: str = "dense") -> str:
-    """Plain-text table: time, time per token, peak extra MiB, and ratios to `baseline` at the same length."""
+    """Plain-text table: time, time per token, peak extra MiB (first call; over all calls), ratios to `baseline`."""
     base = {(m.seq_len, m.batch, m.heads, m.head_dim, m.causal, m.backward): m
             for m in results if m.impl == baseline and m.ok}
     short = baseline[:6]
-    header = (f"{'impl':<16} {'seq':>6} {'variant':<15} {'time ms':>9} {'us/token':>8} {'peak MiB':>8} "
+    header = (f"{'impl':<16} {'seq':>6} {'variant':<15} {'time ms':>9} {'us/token':>8} {'peak MiB':>8} {'all MiB':>7} "
               f"{'t/' + short:>8} {'mem/' + short:>10}  status")
     lines = [header, "-" * len(header)]
     for m in results:
@@ -25,10 +25,11 @@ def table(results: list[Measurement], baseline: str = "dense") -> str:
             m_ratio = (f"{m.peak_extra_mib / ref.peak_extra_mib:.3f}x"
                        if ref and ref.peak_extra_mib else "-")
             per_token = m.time_s / (m.batch * m.seq_len) * 1e6
+            steady = "-" if m.steady_extra_mib is None else f"{m.steady_extra_mib:.1f}"
             lines.append(f"{m.impl:<16} {m.seq_len:>6} {variant(m):<15} {m.time_s * 1e3:>9.1f} {per_token:>8.2f} "
-                         f"{m.peak_extra_mib:>8.1f} {t_ratio:>8} {m_ratio:>10}  ok")
+                         f"{m.peak_extra_mib:>8.1f} {steady:>7} {t_ratio:>8} {m_ratio:>10}  ok")
         else:
-            lines.append(f"{m.impl:<16} {m.seq_len:>6} {variant(m):<15} {'-':>9} {'-':>8} {'-':>8} {'-':>8} "
+            lines.append(f"{m.impl:<16} {m.seq_len:>6} {variant(m):<15} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>8} "
                          f"{'-':>10}  {m.status}: {m.message}")
     return "\n".join(lines)
 
