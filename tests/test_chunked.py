@@ -220,6 +220,37 @@ def test_causal_loop_ranges_visit_exactly_the_blocks_the_switch_computes(t, s, q
         assert list(kinds[:, j]) == [SKIP] * first + [MASKED] * (first_plain - first) + [PLAIN] * (nq - first_plain)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_transposed_block_scores_are_the_same_scores(masked):
+    # The backward pass computes S^T directly; it must equal the forward's block, transposed, masks and bias too.
+    from labkit.attention.chunked_blocks import block_scores, make_plan, to_chunks
+
+    t, s, qc, kc = 20, 18, 8, 8
+    q, k, _ = _qkv(15, (2,), t, s, n=3)
+    rng = np.random.default_rng(15)
+    bias = jnp.asarray(rng.normal(size=(2, 3, t, s)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 1, 1, s)) > 0.3) if masked else None
+    plan = make_plan(bias, mask, (2,), 3, t, s, qc, kc, True, True)
+    q_chunks, k_chunks = to_chunks(q, qc), to_chunks(k, kc)
+    for i, j in [(0, 0), (1, 0), (2, 1), (2, 2)]:
+        plain = block_scores(plan, q_chunks[i], k_chunks[j], i, j, masked)
+        transposed = block_scores(plan, q_chunks[i], k_chunks[j], i, j, masked, transposed=True)
+        np.testing.assert_allclose(transposed, jnp.swapaxes(plain, -1, -2), atol=1e-6)
+
+
+def test_custom_backward_products_contract_along_rows():
+    # XLA:CPU runs a product that sums over the first axis of a stored block at about half speed (chunked_backward's
+    # docstring): in every product of the forward and the custom backward the left operand contracts its last axis.
+    q, k, v = _qkv(16, (1,), 64, 64, n=2, h=8)
+    loss = lambda q, k, v: memory_efficient_attention(q, k, v, is_causal=True, query_chunk_size=16,
+                                                      key_chunk_size=16).sum()
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    dots = re.findall(r"stablehlo.dot_general .*?contracting_dims = \[(\d+)\] x \[\d+\].*?: \((tensor<[^>]*>),", hlo)
+    assert len(dots) >= 7, hlo  # two forward products, five backward ones
+    for lhs_dim, lhs_type in dots:
+        assert int(lhs_dim) == lhs_type.count("x") - 1, (lhs_dim, lhs_type)  # "1x2x16x8xf32": rank 4, last axis 3
+
+
 def test_custom_backward_keeps_only_inputs_output_and_logsumexp():
     # What jax.vjp's backward function holds: linear in the length for the custom backward, the score blocks
     # of every query chunk (T x S per head) when autodiff goes through the scan without checkpoints.
