@@ -117,11 +117,50 @@ def test_extra_input_options_reach_the_extra_inputs():
 
 # ---------------------------------------------------------------- measurements
 
+def _probe_workers(specs: list[dict], calls: int) -> list:
+    """Start tests/turn_probe.py workers taking turns; return what each sent back (a WorkerResult)."""
+    from labkit.bench.turns import TurnTaker
+    from labkit.bench.worker import finish_worker, start_worker, worker_env
+
+    turns = TurnTaker(len(specs))
+    env = {"PYTHONPATH": os.pathsep.join([worker_env()["PYTHONPATH"], str(Path(__file__).resolve().parent)])}
+    workers = [start_worker("turn_probe:record_calls", {**spec, "calls": calls, "turn_fds": turns.worker_fds(i)},
+                            env=env, pass_fds=turns.worker_fds(i)) for i, spec in enumerate(specs)]
+    turns.close_worker_ends()
+    turns.run(calls, timeout_s=60)
+    return [finish_worker(worker, timeout_s=60) for worker in workers]
+
+
+def test_workers_taking_turns_never_overlap_and_rotate_who_goes_first():
+    results = _probe_workers([{}, {}], calls=4)
+    assert all(r.ok for r in results), [r.error for r in results]
+    calls = sorted((start, end, worker) for worker, r in enumerate(results) for start, end in r.value)
+    assert len(calls) == 8
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(calls, calls[1:])), calls
+    assert [worker for _, _, worker in calls] == [0, 1, 1, 0, 0, 1, 1, 0]
+
+
+def test_a_worker_that_fails_is_passed_over():
+    failed, fine = _probe_workers([{"fail": True}, {}], calls=3)
+    assert not failed.ok and "fails before its first turn" in failed.error
+    assert fine.ok and len(fine.value) == 3
+
+
+def test_measure_together_measures_each_implementation_in_its_own_worker():
+    points = bench.measure_together(["dense", "memory_efficient"], 256, heads=2, head_dim=16, repeats=2,
+                                    timeout_s=120)
+    assert [m.impl for m in points] == ["dense", "memory_efficient"]
+    for m in points:
+        assert m.status == "ok", m.message
+        assert len(m.times_s) == 2 and m.steady_extra_mib >= m.peak_extra_mib >= 0 and m.need_mib > 0
+
+
 def test_tiny_real_measurement_in_a_subprocess():
     m = bench.measure("dense", 256, heads=2, head_dim=16, repeats=2, timeout_s=120)
     assert m.status == "ok", m.message
     assert m.time_s > 0 and len(m.times_s) == 2 and m.gflops > 0
     assert m.peak_extra_mib >= 0 and m.memory_method in ("VmHWM", "ru_maxrss")
+    assert m.steady_extra_mib >= m.peak_extra_mib  # every call's high-water mark includes the first call's
     text = bench.table([m])
     assert "dense" in text and "1.00x" in text
 

@@ -18,7 +18,8 @@ transposed=True)`), `dQ_i` is accumulated transposed, `dQ_i^T += K_j^T dS^T`, an
 backend runs such a product (`P^T dO` with `P` stored `[qc, kc]`) off its fast path: on a 2-core AMD EPYC
 (Zen 4) a `[512, 512] x [512, 64]` product per head took 55-60 GFLOP/s that way against 117-137 GFLOP/s
 stored the other way round, and this layout took the backward pass from 3.3x to 2.3x the forward's time
-(seq 4,096, 4 heads, dim 64); it moved forward + backward from 1.26x torch's time to 1.01x.
+(seq 4,096, 4 heads, dim 64); it moved forward + backward from 1.26x torch's time to 1.01x (the two
+interleaved in one process).
 
 Loops: a `lax.scan` over key chunks j (carrying `dQ`, and `dbias` if there is a bias) around a loop over
 query chunks i (carrying `dK_j`, `dV_j`). Causal attention loops only over the query chunks that see key chunk j,
@@ -59,10 +60,10 @@ def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tupl
             first, first_plain = query_ranges(plan, j, q_chunks.shape[0])
             grads = lax.fori_loop(first, first_plain, _row_step(plan, j, k_blk, v_blk, rows, True), init)
             dqt, dbias, dk, dv = lax.fori_loop(first_plain, q_chunks.shape[0],
-                                              _row_step(plan, j, k_blk, v_blk, rows, False), grads)
+                                               _row_step(plan, j, k_blk, v_blk, rows, False), grads)
         else:
-            (dqt, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None), init,
-                                              rows)
+            (dqt, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None),
+                                               init, rows)
         return (dqt, dbias), (dk, dv)
 
     dbias = None if plan.bias is None else jnp.zeros_like(plan.bias)

@@ -14,8 +14,9 @@ What a point measures (inputs `[batch, seq, heads, head_dim]` float32, keys as l
 Modules, one job each: `worker` (run a function in a fresh process: every measurement in labkit uses it),
 `memory` (peak resident memory), `implementations` (what can be measured: every registered attention family,
 plus `EXTRA_IMPLEMENTATIONS`), `steps` (a compiled step per framework), `point` (the worker's side of a point),
-`measuring` (the parent's side: skip or launch), `tables` and `plotting` (reports), `cli` (the command),
-`linformer_checkpoint` (lab 06's training-step memory per checkpoint level).
+`measuring` (the parent's side: skip or launch), `turns` (workers taking turns call by call, so that ratios
+hold within one run), `tables` and `plotting` (reports), `cli` (the command), `linformer_checkpoint` (lab 06's
+training-step memory per checkpoint level).
 
 A new attention family appears here by being registered in `labkit.attention.FAMILIES`.
 
@@ -30,7 +31,7 @@ from labkit.bench.implementations import (EXTRA_IMPLEMENTATIONS, IMPLEMENTATIONS
                                           family_implementation)
 from labkit.bench.linformer_checkpoint import checkpoint_memory_table
 from labkit.bench.measurement import Measurement, attention_flops
-from labkit.bench.measuring import PROCESS_OVERHEAD_BYTES, estimate_need_bytes, measure, sweep
+from labkit.bench.measuring import PROCESS_OVERHEAD_BYTES, estimate_need_bytes, measure, measure_together, sweep
 from labkit.bench.memory import MIB, PeakMemory, available_bytes
 from labkit.bench.plotting import plot
 from labkit.bench.point import run_point
@@ -41,5 +42,5 @@ from labkit.bench.worker import (RESULT_MARKER, WorkerResult, finish_worker, par
 __all__ = ["EXTRA_IMPLEMENTATIONS", "IMPLEMENTATIONS", "MIB", "PROCESS_OVERHEAD_BYTES", "RESULT_MARKER",
            "Implementation", "Measurement", "PeakMemory", "Problem", "WorkerResult", "attention_flops",
            "available_bytes", "checkpoint_memory_table", "estimate_need_bytes", "family_implementation", "finish_worker",
-           "main", "measure", "parse_worker_output", "plot", "run_in_worker", "run_point", "start_worker", "sweep",
-           "table"]
+           "main", "measure", "measure_together", "parse_worker_output", "plot", "run_in_worker", "run_point",
+           "start_worker", "sweep", "table"]

@@ -2,11 +2,12 @@
 
     python -m labkit bench --impl dense,memory_efficient --seq 1024,4096 --heads 4 --head-dim 64 \\
         [--causal] [--backward] [--json out.json] [--plot out.png] [--repeats N] [--option NAME=VALUE]
-    python -m labkit bench --impl memory_efficient,torch --baseline torch --all-variants --seq 4096,16384
+    python -m labkit bench --impl memory_efficient,torch --baseline torch --all-variants --together --seq 4096,16384
     python -m labkit bench --tune [--seq 4096,16384]
 
 `--all-variants` measures forward, causal forward, forward + backward and causal forward + backward in one run
-and ends with a table of time ratios to the baseline (labkit / torch with `--baseline torch`). `--tune` runs
+and ends with a table of time ratios to the baseline (labkit / torch with `--baseline torch`); `--together` runs
+the implementations at each length side by side, taking turns call by call (`labkit.bench.turns`). `--tune` runs
 `labkit.bench.tune`'s short sweep and caches this machine's chunk sizes for `memory_efficient_attention`.
 """
 
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backward", action="store_true", help="time forward + gradient w.r.t. q, k, v")
     parser.add_argument("--all-variants", action="store_true",
                         help="forward and forward + backward, causal and not, then a table of time ratios")
+    parser.add_argument("--together", action="store_true",
+                        help="measure the implementations at each length at once, taking turns call by call, so "
+                             "their time ratios hold on a machine whose speed drifts")
     parser.add_argument("--tune", action="store_true",
                         help="time a few chunk sizes of memory_efficient_attention and cache the fastest")
     parser.add_argument("--repeats", type=int, default=5)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for causal, backward in variants:
         results += sweep(impls, args.seq or [1024, 4096], batch=args.batch, heads=args.heads,
                          head_dim=args.head_dim, causal=causal, backward=backward, repeats=args.repeats,
-                         warmup=args.warmup, timeout_s=args.timeout, **dict(args.option))
+                         warmup=args.warmup, timeout_s=args.timeout, together=args.together, **dict(args.option))
     print(table(results, baseline=args.baseline))
     if args.all_variants:
         print()

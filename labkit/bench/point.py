@@ -9,12 +9,14 @@ from labkit.bench.implementations import IMPLEMENTATIONS
 from labkit.bench.measurement import Measurement, attention_flops
 from labkit.bench.memory import MIB, PeakMemory
 from labkit.bench.steps import STEPS
+from labkit.bench.turns import Turn
 
 
 def run_point(spec: dict) -> dict:
     """Measure one point in THIS process (a worker's job): returns `Measurement` fields as a dict.
 
-    `spec` holds `Measurement`'s parameters plus `repeats` and `warmup`. Inputs are seeded standard normal
+    `spec` holds `Measurement`'s parameters plus `repeats` and `warmup` (and `turn_fds` when the point is
+    measured together with others, `labkit.bench.turns`). Inputs are seeded standard normal
     `[batch, seq, heads, head_dim]` float32; the time is the median of `repeats` calls after `warmup` calls;
     the memory is the high-water mark during the first call above the level just before it (`peak_extra_mib`:
     what one call needs) and during all calls (`steady_extra_mib`: it also holds what the C allocator kept
@@ -27,20 +29,24 @@ def run_point(spec: dict) -> dict:
     problem = point.problem
     rng = np.random.default_rng(0)
     dims = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
+    turn = Turn(spec)  # measured together with other workers: one call per turn (labkit.bench.turns)
+    turn.wait()  # the first turn also compiles, so no other worker's call runs meanwhile
     inputs = [rng.standard_normal(dims, dtype=np.float32) for _ in range(3)]
     fn = impl.make(causal=problem.causal, **point.options)
     step = STEPS[impl.framework](fn, inputs, problem.backward)
     times: list[float] = []
     peak = PeakMemory()
     peak.start()
-    calls = [None] * spec["warmup"] + [times] * spec["repeats"]
-    first_call = None
-    for record in calls:
+    for call in range(spec["warmup"] + spec["repeats"]):
+        if call:
+            turn.wait()
         start = time.perf_counter()
         step()
-        if record is not None:
-            record.append(time.perf_counter() - start)
-        first_call = peak.stop() if first_call is None else first_call
+        if call >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+        if call == 0:
+            first_call = peak.stop()
+        turn.done()
     steady = peak.stop()
     median = statistics.median(times)
     return {"status": "ok", "time_s": median, "times_s": times, "gflops": attention_flops(problem) / median / 1e9,

@@ -77,15 +77,17 @@ def _no_result(returncode: int, stderr: str) -> str:
     return "worker printed no result: " + reason + (": " + " | ".join(tail) if tail else "")
 
 
-def start_worker(target: str, spec: dict, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_worker(target: str, spec: dict, *, env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start a worker calling `target` (`"package.module:function"`) with the JSON-able `spec`; do not wait.
 
-    `env` adds variables to the worker's environment. Several workers may run at once (e.g. the processes of
-    one distributed run); collect each with `finish_worker`.
+    `env` adds variables to the worker's environment; `pass_fds` are file descriptors it inherits (the pipes of
+    `labkit.bench.turns`). Several workers may run at once (e.g. the processes of one distributed run);
+    collect each with `finish_worker`.
     """
     command = [sys.executable, "-c", _WORKER_CODE, target, json.dumps(spec)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**worker_env(), **(env or {})})
+                            env={**worker_env(), **(env or {})}, pass_fds=pass_fds)
 
 
 def finish_worker(process: subprocess.Popen, *, timeout_s: float = 600) -> WorkerResult:
