@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="forward and forward + backward, causal and not, then a table of time ratios")
     parser.add_argument("--together", action="store_true",
                         help="measure the implementations at each length at once, taking turns call by call, so "
-                             "their time ratios hold on a machine whose speed drifts")
+                             "their time ratios survive a drifting machine (each idles while the others run: "
+                             "see labkit.bench.turns)")
     parser.add_argument("--tune", action="store_true",
                         help="time a few chunk sizes of memory_efficient_attention and cache the fastest")
     parser.add_argument("--repeats", type=int, default=5)

@@ -10,6 +10,11 @@ gives the turn to each worker in order, rotating which goes first each round, an
 before the next starts; a worker that has exited (it failed, or ran all its calls) is passed over. Between two
 turns it pauses briefly (`SETTLE_S`): OpenMP's and XLA's worker threads spin for a moment after a call before
 they sleep, and should not take the cores from the next worker's call.
+
+What it cannot remove: each worker idles while the others run. On the course's virtual machine (2-core AMD
+EPYC) an XLA call made after a few seconds of idling ran up to 1.9x slower than one made right after another
+call, while torch's calls did not change; `--together` then penalises the JAX side, and back-to-back calls
+(the default, one point after the other) are the fairer measure there. Compare both on a new machine.
 """
 
 from __future__ import annotations
