@@ -55,15 +55,15 @@ def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tupl
 
     def key_chunk(carry, xs):
         j, k_blk, v_blk = xs
+        key = (j, k_blk, jnp.swapaxes(k_blk, -1, -2), v_blk)  # K_j^T [B, N, H, kc] once, for every dQ^T block
         init = (*carry, jnp.zeros_like(k_blk), jnp.zeros_like(v_blk))
         if uses_ranges(plan):  # causal: only the query chunks that see key chunk j, masked ones then plain ones
             first, first_plain = query_ranges(plan, j, q_chunks.shape[0])
-            grads = lax.fori_loop(first, first_plain, _row_step(plan, j, k_blk, v_blk, rows, True), init)
-            dqt, dbias, dk, dv = lax.fori_loop(first_plain, q_chunks.shape[0],
-                                               _row_step(plan, j, k_blk, v_blk, rows, False), grads)
+            grads = lax.fori_loop(first, first_plain, _row_step(plan, key, rows, True), init)
+            dqt, dbias, dk, dv = lax.fori_loop(first_plain, q_chunks.shape[0], _row_step(plan, key, rows, False),
+                                               grads)
         else:
-            (dqt, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, j, k_blk, v_blk, c, r), None),
-                                               init, rows)
+            (dqt, dbias, dk, dv), _ = lax.scan(lambda c, r: (_block_step(plan, key, c, r), None), init, rows)
         return (dqt, dbias), (dk, dv)
 
     dbias = None if plan.bias is None else jnp.zeros_like(plan.bias)
@@ -75,29 +75,30 @@ def gradients(plan: Plan, q_chunks, k_chunks, v_chunks, out, lse, d_out) -> tupl
     return dq, dk, dv, dbias
 
 
-def _block_step(plan: Plan, j, k_blk, v_blk, carry, row):
-    """Block (query chunk i, key chunk j) added to `(dq, dbias, dk_j, dv_j)`: skipped, plain or masked."""
-    return switch_on_block(plan, row[0], j, lambda grads, masked: _add_block(plan, j, k_blk, v_blk, grads, row, masked),
+def _block_step(plan: Plan, key, carry, row):
+    """Block (query chunk i, key chunk j) added to `(dq^T, dbias, dk_j, dv_j)`: skipped, plain or masked."""
+    return switch_on_block(plan, row[0], key[0], lambda grads, masked: _add_block(plan, key, grads, row, masked),
                            carry)
 
 
-def _row_step(plan: Plan, j, k_blk, v_blk, rows, masked: bool):
+def _row_step(plan: Plan, key, rows, masked: bool):
     """`fori_loop` body: query chunk i's block against key chunk j, `masked` or plain, added to the gradients."""
     def body(i, grads):
         row = tuple(lax.dynamic_index_in_dim(x, i, keepdims=False) for x in rows)
-        return _add_block(plan, j, k_blk, v_blk, grads, row, masked)
+        return _add_block(plan, key, grads, row, masked)
     return body
 
 
-def _add_block(plan: Plan, j, k_blk, v_blk, grads, row, masked: bool):
+def _add_block(plan: Plan, key, grads, row, masked: bool):
     """`(dq^T, dbias, dk_j, dv_j)` plus block (i, j)'s share, from its recomputed softmax weights.
 
-    Everything block-sized is held transposed, `[B, N, kc, qc]`, so that every product contracts along a row
-    of a stored block (see the module docstring); `dq^T` is `[nq, B, N, H, qc]` and `kt_blk` `[B, N, H, kc]`.
+    `key` is key chunk j: `(j, K_j [B, N, kc, H], K_j^T [B, N, H, kc], V_j)`. Everything block-sized is held
+    transposed, `[B, N, kc, qc]`, so that every product contracts along a row of a stored block (see the module
+    docstring); `dq^T` is `[nq, B, N, H, qc]`.
     """
+    j, k_blk, kt_blk, v_blk = key
     i, q_blk, do_blk, lse_blk, delta_blk = row
     dqt, dbias, dk, dv = grads
-    kt_blk = jnp.swapaxes(k_blk, -1, -2)
     st = block_scores(plan, q_blk, k_blk, i, j, masked, transposed=True)  # S^T [B, N, kc, qc]
     pt = jnp.exp(st - lse_blk[..., None, :])  # the normalised weights, recomputed: no running rescaling
     dv = dv + jnp.einsum("bnkq,bnqh->bnkh", pt, do_blk, preferred_element_type=jnp.float32)
