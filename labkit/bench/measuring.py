@@ -94,8 +94,8 @@ def measure_together(impls: Iterable[str], seq_len: int, *, batch: int = 1, head
             runnable.append(result)
     kw = dict(batch=batch, heads=heads, head_dim=head_dim, causal=causal, backward=backward, repeats=repeats,
               warmup=warmup, timeout_s=timeout_s, **impl_options)
-    needs = [estimate_need_bytes(r.impl, r.problem, r.options) for r in runnable]
-    if len(runnable) < 2 or sum(needs) > 0.9 * available_bytes():
+    needs, available = [estimate_need_bytes(r.impl, r.problem, r.options) for r in runnable], available_bytes()
+    if len(runnable) < 2 or sum(needs) > 0.9 * available:
         measured = {r.impl: measure(r.impl, seq_len, **kw) for r in runnable}
         return [measured.get(r.impl, r) for r in results]
     turns = TurnTaker(len(runnable))
@@ -106,7 +106,7 @@ def measure_together(impls: Iterable[str], seq_len: int, *, batch: int = 1, head
     turns.close_worker_ends()
     turns.run(warmup + repeats, timeout_s)
     for result, worker, need in zip(runnable, workers, needs):
-        result.need_mib, result.available_mib = need / MIB, available_bytes() / MIB
+        result.need_mib, result.available_mib = need / MIB, available / MIB
         _record(result, finish_worker(worker, timeout_s=timeout_s))
     return results
 
