@@ -225,6 +225,18 @@ def test_cli_rejects_an_unknown_implementation(capsys):
     assert exit_info.value.code == 2 and "unknown --impl nope" in capsys.readouterr().err
 
 
+def test_cli_ratios_refer_to_dense_then_torch_then_the_first_implementation(capsys):
+    from labkit.bench.cli import _baseline
+
+    assert _baseline(None, ["memory_efficient", "dense", "torch"]) == "dense"
+    assert _baseline(None, ["memory_efficient", "torch"]) == "torch"
+    assert _baseline(None, ["linear", "memory_efficient"]) == "linear"
+    assert _baseline("memory_efficient", ["linear", "memory_efficient"]) == "memory_efficient"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--impl", "memory_efficient,linear", "--baseline", "torch", "--seq", "16"])
+    assert exit_info.value.code == 2 and "--baseline torch is not among" in capsys.readouterr().err
+
+
 def test_linformer_checkpoint_table_measures_each_level_in_a_worker():
     rows = bench.checkpoint_memory_table(("C0", "C2"), batch=1, seq=256, d_model=32, heads=2, head_dim=16,
                                          proj_k=32, depth=2, timeout_s=300)

@@ -63,12 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per point")
-    parser.add_argument("--baseline", default="dense", help="implementation the ratios refer to")
+    parser.add_argument("--baseline", default=None,
+                        help="implementation the ratios refer to (default: dense if measured, else torch, "
+                             "else the first of --impl)")
     parser.add_argument("--option", type=_option, action="append", default=[],
                         help="NAME=VALUE passed to every implementation, e.g. query_chunk_size=512")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--plot", help="write the time/memory plot to this image file")
     return parser
+
+
+def _baseline(requested: str | None, impls: list[str]) -> str | None:
+    """The implementation the ratios refer to: the one asked for, else dense, torch or the first measured."""
+    if requested is not None:
+        return requested if requested in impls else None
+    return next((name for name in ("dense", "torch") if name in impls), impls[0] if impls else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in impls if x not in IMPLEMENTATIONS]
     if unknown:
         parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(IMPLEMENTATIONS)}")
+    baseline = _baseline(args.baseline, impls)
+    if baseline is None:
+        parser.error(f"--baseline {args.baseline} is not among --impl {', '.join(impls)}")
     variants = [(c, b) for b in (False, True) for c in (False, True)] if args.all_variants else \
         [(args.causal, args.backward)]
     results = []
@@ -91,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         results += sweep(impls, args.seq or [1024, 4096], batch=args.batch, heads=args.heads,
                          head_dim=args.head_dim, causal=causal, backward=backward, repeats=args.repeats,
                          warmup=args.warmup, timeout_s=args.timeout, together=args.together, **dict(args.option))
-    print(table(results, baseline=args.baseline))
+    print(table(results, baseline=baseline))
     if args.all_variants:
         print()
-        print(ratio_table(results, baseline=args.baseline))
+        print(ratio_table(results, baseline=baseline))
     if args.json:
         with open(args.json, "w") as out:
             json.dump([m.to_dict() for m in results], out, indent=1)
