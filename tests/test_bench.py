@@ -3,6 +3,7 @@ memory models, linear memory scaling, the command line and lab 06's checkpoint t
 
 import json
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -129,6 +130,13 @@ def _probe_workers(specs: list[dict], calls: int) -> list:
     turns.close_worker_ends()
     turns.run(calls, timeout_s=60)
     return [finish_worker(worker, timeout_s=60) for worker in workers]
+
+
+def test_workers_taking_turns_may_print_more_than_a_pipe_holds():
+    started = time.monotonic()
+    results = _probe_workers([{"chatty": 200_000}, {"chatty": 200_000}], calls=3)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert time.monotonic() - started < 50  # a blocked worker would hold its turn until the 60 s timeout
 
 
 def test_workers_taking_turns_never_overlap_and_rotate_who_goes_first():

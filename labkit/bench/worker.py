@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,26 @@ def _no_result(returncode: int, stderr: str) -> str:
     return "worker printed no result: " + reason + (": " + " | ".join(tail) if tail else "")
 
 
+@dataclasses.dataclass
+class Worker:
+    """A started worker: its process and the files its stdout and stderr go to."""
+
+    process: subprocess.Popen
+    stdout: Any  # text files, not pipes: a worker that prints a lot never blocks on a full pipe nobody reads
+    stderr: Any
+
+    def output(self) -> tuple[str, str]:
+        """What the worker printed to stdout and stderr so far; closes both files."""
+        texts = []
+        for stream in (self.stdout, self.stderr):
+            stream.seek(0)
+            texts.append(stream.read())
+            stream.close()
+        return texts[0], texts[1]
+
+
 def start_worker(target: str, spec: dict, *, env: dict[str, str] | None = None,
-                 pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+                 pass_fds: tuple[int, ...] = ()) -> Worker:
     """Start a worker calling `target` (`"package.module:function"`) with the JSON-able `spec`; do not wait.
 
     `env` adds variables to the worker's environment; `pass_fds` are file descriptors it inherits (the pipes of
@@ -86,18 +105,23 @@ def start_worker(target: str, spec: dict, *, env: dict[str, str] | None = None,
     collect each with `finish_worker`.
     """
     command = [sys.executable, "-c", _WORKER_CODE, target, json.dumps(spec)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**worker_env(), **(env or {})}, pass_fds=pass_fds)
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True,
+                               env={**worker_env(), **(env or {})}, pass_fds=pass_fds)
+    return Worker(process, stdout, stderr)
 
 
-def finish_worker(process: subprocess.Popen, *, timeout_s: float = 600) -> WorkerResult:
+def finish_worker(worker: Worker, *, timeout_s: float = 600) -> WorkerResult:
     """Wait for a started worker (killing it after `timeout_s`) and return what it sent back; never raises."""
+    process = worker.process
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
+        process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.communicate()
+        process.wait()
+        worker.output()
         return WorkerResult(error=f"timed out after {timeout_s:g} s")
+    stdout, stderr = worker.output()
     payload = parse_worker_output(stdout)
     if payload is None:
         return WorkerResult(error=_no_result(process.returncode, stderr), returncode=process.returncode)
