@@ -283,3 +283,21 @@ def test_tune_caches_the_fastest_chunk_sizes_for_this_cpu(tmp_path, monkeypatch)
     assert json.loads(Path(tuned["path"]).read_text()) == {next(iter(tuned["chosen"])): list(best)}
     assert chunk_sizes_for(64, 64, 8) == best
     assert "seq     64" in tune.report(tuned) and str(tmp_path) in tune.report(tuned)
+
+
+def test_an_option_named_impl_colon_name_goes_to_that_implementation_only():
+    from labkit.bench.measuring import options_for
+
+    options = {"query_chunk_size": 256, "memory_efficient:devices": 2, "torch:enable_gqa": False}
+    assert options_for("memory_efficient", options) == {"query_chunk_size": 256, "devices": 2}
+    assert options_for("torch", options) == {"query_chunk_size": 256, "enable_gqa": False}
+    assert options_for("dense", options) == {"query_chunk_size": 256}
+
+
+def test_a_point_with_devices_runs_its_worker_with_that_many_cpu_devices():
+    spread, plain = (bench.measure("memory_efficient", 256, heads=4, head_dim=16, repeats=1, timeout_s=300,
+                                   **options) for options in ({"memory_efficient:devices": 2}, {}))
+    assert spread.status == plain.status == "ok", (spread.message, plain.message)
+    assert spread.options == {"devices": 2} and plain.options == {}
+    failed = bench.measure("memory_efficient", 256, heads=3, head_dim=16, repeats=1, timeout_s=300, devices=2)
+    assert failed.status == "failed" and "3 heads cannot be split evenly over 2 devices" in failed.message

@@ -40,8 +40,9 @@ or 4 independent chains inside the scan body 116 / 459 and 123 / 484; two query 
 unrolled 115 / 457; `lax.map(batch_size=2)` 128 / 515; two independent loops over half the heads each
 119 / 512. XLA's threading inside each block's operations already kept ~1.9 of the 2 cores busy in every
 variant (process CPU time / wall time, the backward too), so none helped and the plain loop stays. Spreading
-heads over several simulated devices (`jax.shard_map`) did help on a 2-core Xeon (issue 17), but needs
-`jax_num_cpu_devices` set before JAX starts: the caller's choice, not this function's.
+heads over several devices does help: `devices=2` runs the heads in halves, one `shard_map` program per
+device, at the same time (`labkit.attention.head_devices`: 0.84-0.95x the time on a 2-core AMD EPYC Zen 5). A
+CPU has several devices only if JAX was told before it started (`jax_num_cpu_devices`), so it is an opt-in.
 
 Chunk sizes: what `python -m labkit bench --tune` cached for this CPU (`labkit.attention.chunk_sizes`), else
 512 x 512, from a sweep on the course's 2-core CPU (4 heads, dim 64, forward, each point a fresh process, two
@@ -54,6 +55,7 @@ torch's time against 1.60x for 512x512): the reason for tuning per machine.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +64,7 @@ from jax import lax
 from labkit.attention import chunked_backward, online_softmax
 from labkit.attention._validate import check_qkv, default_scale, positive_int
 from labkit.attention.chunk_sizes import tuned_chunk_sizes
+from labkit.attention.head_devices import resolve_devices, spread_over_heads
 from labkit.attention.chunked_blocks import (MASKED, PLAIN, SKIP, Plan, block_kind, block_scores, from_chunks,
                                              key_ranges, make_plan, switch_on_block, to_chunks, uses_ranges)
 from labkit.attention.online_softmax import SoftmaxState
@@ -76,7 +79,8 @@ __all__ = ["DEFAULT_KEY_CHUNK_SIZE", "DEFAULT_QUERY_CHUNK_SIZE", "MASKED", "PLAI
 def memory_efficient_attention(query, key, value, bias=None, mask=None, *, is_causal: bool = False,
                                scale: float | None = None, query_chunk_size: int | None = None,
                                key_chunk_size: int | None = None, checkpoint: bool = True,
-                               skip_blocks: bool = True, custom_backward: bool = True) -> jnp.ndarray:
+                               skip_blocks: bool = True, custom_backward: bool = True,
+                               devices: int | Sequence | None = None) -> jnp.ndarray:
     """Exact attention `[batch..., T, N, Hv]` computed block by block, a drop-in for `dot_product_attention`.
 
     Args:
@@ -97,6 +101,9 @@ def memory_efficient_attention(query, key, value, bias=None, mask=None, *, is_ca
         none: slower, but free of conditionals, which TFLite's interpreter cannot run inside loops.
       custom_backward: gradients by FlashAttention-2's backward from the saved log-sum-exp (a
         `jax.custom_vjp`); False differentiates through the scan (see the module docstring).
+      devices: spread the heads over these devices (an int: the first n local ones), each running its own loop
+        at the same time (`jax.shard_map`); N must be a multiple of their number. On a CPU, set
+        `jax_num_cpu_devices` before JAX starts to have several (`labkit.attention.head_devices`).
 
     Returns:
       `[batch..., T, N, Hv]` in `value`'s dtype; softmax statistics are kept in float32. Rows whose keys
@@ -110,14 +117,23 @@ def memory_efficient_attention(query, key, value, bias=None, mask=None, *, is_ca
     q_chunks = to_chunks(query, qc, default_scale(scale, head_dim))  # [nq, B, N, qc, H]
     k_chunks, v_chunks = to_chunks(key, kc), to_chunks(value, kc)     # [nk, B, N, kc, H|Hv]
     plan = make_plan(bias, mask, tuple(batch_shape), heads, q_len, kv_len, qc, kc, is_causal, skip_blocks)
-    if custom_backward:
-        # The plan's flags are static; its bias and mask travel as (differentiable / integer) arguments.
-        out = _attend(plan._replace(bias=None, mask=None), q_chunks, k_chunks, v_chunks, plan.bias, plan.mask)
-    else:
-        out, _ = forward(plan, q_chunks, k_chunks, v_chunks, checkpoint)
+    # The plan's flags are static; its bias and mask travel as (differentiable / integer) arguments.
+    attend = functools.partial(_attend if custom_backward else _autodiff_attend(checkpoint),
+                               plan._replace(bias=None, mask=None))
+    spread = resolve_devices(devices)
+    if spread:
+        attend = spread_over_heads(attend, spread, heads, plan.bias, plan.mask)
+    out = attend(q_chunks, k_chunks, v_chunks, plan.bias, plan.mask)  # [nq, B, N, qc, Hv]
     out = from_chunks(out, q_len)  # [B, N, T, Hv]
     out = jnp.swapaxes(out, 1, 2).reshape(tuple(batch_shape) + (q_len, heads, value.shape[-1]))
     return out.astype(value.dtype)
+
+
+def _autodiff_attend(checkpoint: bool):
+    """`attend(plan, q_chunks, k_chunks, v_chunks, bias, mask)` -> output chunks, differentiated through the scan."""
+    def attend(plan: Plan, q_chunks, k_chunks, v_chunks, bias, mask):
+        return forward(plan._replace(bias=bias, mask=mask), q_chunks, k_chunks, v_chunks, checkpoint)[0]
+    return attend
 
 
 def chunk_sizes_for(q_len: int, kv_len: int, head_dim: int, query_chunk_size: int | None = None,

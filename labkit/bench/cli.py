@@ -3,6 +3,7 @@
     python -m labkit bench --impl dense,memory_efficient --seq 1024,4096 --heads 4 --head-dim 64 \\
         [--causal] [--backward] [--json out.json] [--plot out.png] [--repeats N] [--option NAME=VALUE]
     python -m labkit bench --impl memory_efficient,torch --baseline torch --all-variants --together --seq 4096,16384
+    python -m labkit bench --impl memory_efficient,torch --option memory_efficient:devices=2 --seq 16384
     python -m labkit bench --tune [--seq 4096,16384]
 
 `--all-variants` measures forward, causal forward, forward + backward and causal forward + backward in one run
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="implementation the ratios refer to (default: dense if measured, else torch, "
                              "else the first of --impl)")
     parser.add_argument("--option", type=_option, action="append", default=[],
-                        help="NAME=VALUE passed to every implementation, e.g. query_chunk_size=512")
+                        help="NAME=VALUE passed to every implementation, e.g. query_chunk_size=512; "
+                             "IMPL:NAME=VALUE to that one only, e.g. memory_efficient:devices=2")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--plot", help="write the time/memory plot to this image file")
     return parser

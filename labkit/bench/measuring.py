@@ -52,18 +52,29 @@ def _fits(result: Measurement) -> bool:
     return True
 
 
+def options_for(impl: str, options: dict) -> dict:
+    """The options `impl` gets: every plain `name`, and `"impl:name"` ones for this implementation only."""
+    mine = {name: value for name, value in options.items() if ":" not in name}
+    for name, value in options.items():
+        owner, _, option = name.partition(":")
+        if option and owner == impl:
+            mine[option] = value
+    return mine
+
+
 def measure(impl: str, seq_len: int, *, batch: int = 1, heads: int = 4, head_dim: int = 64, causal: bool = False,
             backward: bool = False, repeats: int = 5, warmup: int = 1, timeout_s: float = 600,
             **impl_options) -> Measurement:
     """Measure `impl` at one sequence length in a fresh subprocess; never raises for a failed point.
 
     Inputs are `[batch, seq_len, heads, head_dim]` float32 (keys as long as the queries); `impl_options` go
-    to the implementation. Returns a `Measurement` with status `ok` (time_s = median of `repeats` after
-    `warmup` calls, gflops, peak_extra_mib), `skipped` (not installed, no such causal form, or estimated need
-    > available memory: see need_mib, available_mib, message) or `failed` (message).
+    to the implementation (`options_for`: a name `"IMPL:option"` only to IMPL). Returns a `Measurement` with
+    status `ok` (time_s = median of `repeats` after `warmup` calls, gflops, peak_extra_mib), `skipped` (not
+    installed, no such causal form, or estimated need > available memory: see need_mib, available_mib,
+    message) or `failed` (message).
     """
     _known([impl])
-    result = Measurement(impl, seq_len, batch, heads, head_dim, causal, backward, dict(impl_options))
+    result = Measurement(impl, seq_len, batch, heads, head_dim, causal, backward, options_for(impl, impl_options))
     reason = _why_not_here(impl, IMPLEMENTATIONS[impl], causal)
     if reason:
         result.status, result.message = "skipped", reason
@@ -83,8 +94,8 @@ def measure_together(impls: Iterable[str], seq_len: int, *, batch: int = 1, head
     one run (`labkit.bench.turns`). Memory is still each worker's own. Where the workers would not fit in
     memory together, they are measured one after the other instead.
     """
-    results = [Measurement(impl, seq_len, batch, heads, head_dim, causal, backward, dict(impl_options))
-               for impl in _known(impls)]
+    results = [Measurement(impl, seq_len, batch, heads, head_dim, causal, backward,
+                           options_for(impl, impl_options)) for impl in _known(impls)]
     runnable = []
     for result in results:
         reason = _why_not_here(result.impl, IMPLEMENTATIONS[result.impl], causal)

@@ -26,6 +26,8 @@ def run_point(spec: dict) -> dict:
 
     impl = IMPLEMENTATIONS[spec["impl"]]
     point = Measurement.from_dict(spec)
+    if isinstance(point.options.get("devices"), int):
+        _cpu_devices(point.options["devices"])
     problem = point.problem
     rng = np.random.default_rng(0)
     dims = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
@@ -51,3 +53,10 @@ def run_point(spec: dict) -> dict:
     median = statistics.median(times)
     return {"status": "ok", "time_s": median, "times_s": times, "gflops": attention_flops(problem) / median / 1e9,
             "peak_extra_mib": first_call / MIB, "steady_extra_mib": steady / MIB, "memory_method": peak.method}
+
+
+def _cpu_devices(count: int) -> None:
+    """Give this worker `count` CPU devices (`--option devices=N`), before anything starts JAX's backend."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", count)
