@@ -7,8 +7,8 @@ AMD EPYC (Zen 5), 2 simulated CPU devices against 1 (4 heads of 64, medians of i
 process): forward 0.95x the time at 4,096 tokens and 0.85x at 16,384; forward + backward 0.90x and 0.84x;
 causal forward + backward 0.82x at 4,096. On a 2-core Xeon the forward went from 1.46x torch SDPA's time to 1.16x.
 It costs memory: the first call's peak extra memory at 16,384 tokens rose from 82 to 199 MiB (forward) and from
-220 to 288 MiB (forward + backward), each device holding its own buffers (`python -m labkit bench --option
-memory_efficient:devices=2`, same machine).
+220 to 288 MiB (forward + backward) (`python -m labkit bench --option memory_efficient:devices=2`, same
+machine; where the extra memory goes was not traced).
 
 A CPU has one device unless JAX is told otherwise before it starts: `jax.config.update("jax_num_cpu_devices", 2)`
 (or `JAX_NUM_CPU_DEVICES=2`) before the first array is made. That choice is the caller's: it changes
