@@ -64,9 +64,9 @@ from jax import lax
 from labkit.attention import chunked_backward, online_softmax
 from labkit.attention._validate import check_qkv, default_scale, positive_int
 from labkit.attention.chunk_sizes import tuned_chunk_sizes
-from labkit.attention.head_devices import resolve_devices, spread_over_heads
 from labkit.attention.chunked_blocks import (MASKED, PLAIN, SKIP, Plan, block_kind, block_scores, from_chunks,
                                              key_ranges, make_plan, switch_on_block, to_chunks, uses_ranges)
+from labkit.attention.head_devices import resolve_devices, spread_over_heads
 from labkit.attention.online_softmax import SoftmaxState
 
 DEFAULT_QUERY_CHUNK_SIZE = 512
